@@ -1,0 +1,579 @@
+//! The command line, flag for flag in the style of `consul connect proxy`.
+//!
+//! Consul's CLI uses Go's `flag` package: long flags take one dash or two
+//! (`-service web`, `--service=web`), booleans are set by their bare name or
+//! `-flag=true|false`, and a repeated flag overrides the earlier one (except
+//! the repeatable ones). clap wants two dashes, so [`parse`] first rewrites
+//! one-dash long flags (it knows which words are flags and which take a
+//! value, from clap's own definition) and then lets clap do the rest.
+//!
+//! This module only says what the user typed; `config` decides what it means.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// ferry: a small, fast L4 sidecar proxy for Consul service mesh.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A small, fast L4 sidecar proxy for Consul service mesh (a drop-in for `consul connect proxy`).",
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// A helper command instead of running the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Proxy flags.
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// Helper commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a development CA (once) and a Consul-shaped leaf per service.
+    Certs(CertsArgs),
+    /// Run the local mesh demo: dev certs, a service, two ferries, real traffic.
+    Demo(DemoArgs),
+}
+
+/// `ferry certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory for ca.pem, ca-key.pem, <service>.pem and <service>-key.pem.
+    #[arg(long, default_value = "certs")]
+    pub dir: PathBuf,
+    /// Trust domain for a new CA (<uuid>.consul); random if not given.
+    /// An existing CA in -dir is reused and must match.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Datacenter written into each leaf's SPIFFE ID.
+    #[arg(long, default_value = "dc1")]
+    pub dc: String,
+    /// Leaf lifetime (Go duration; Consul's default is 72h).
+    #[arg(long, default_value = "72h")]
+    pub ttl: GoDuration,
+    /// Services to issue leaves for.
+    #[arg(required = true, value_name = "SERVICE")]
+    pub services: Vec<String>,
+}
+
+/// `ferry demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its dev certificates.
+    #[arg(long, default_value = "certs")]
+    pub dir: PathBuf,
+}
+
+/// The proxy's own flags.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Name of the service this proxy represents; its leaf certificate is for this name.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+
+    /// Public mTLS listener, HOST:PORT (an empty host means all addresses).
+    /// Requires -service-addr.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+
+    /// The local application that allowed inbound connections are forwarded to.
+    /// This hop is plain TCP: keep it on loopback.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub service_addr: Option<String>,
+
+    /// A local plaintext listener for a destination service:
+    /// NAME[.TYPE]:[ADDR:]PORT (ADDR defaults to 127.0.0.1; TYPE is service or query).
+    /// Repeatable.
+    #[arg(long, value_name = "NAME:[ADDR:]PORT")]
+    pub upstream: Vec<UpstreamArg>,
+
+    /// Standalone mode: trust DIR/ca.pem and present DIR/<service>.pem with
+    /// DIR/<service>-key.pem. No Consul agent is contacted.
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+
+    /// Standalone mode: static instances of upstream NAME,
+    /// NAME=HOST:PORT[,HOST:PORT...]. Repeatable.
+    #[arg(long, value_name = "NAME=HOST:PORT,...")]
+    pub upstream_addr: Vec<UpstreamAddrArg>,
+
+    /// Standalone intentions: allow source service SRC (`*` for any). Repeatable.
+    #[arg(long, value_name = "SRC")]
+    pub allow: Vec<String>,
+
+    /// Standalone intentions: deny source service SRC (`*` for any). Repeatable.
+    #[arg(long, value_name = "SRC")]
+    pub deny: Vec<String>,
+
+    /// Standalone intentions: deny sources no -allow names (the default is allow).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub default_deny: bool,
+
+    /// Bound on a TLS handshake, inbound and outbound.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub handshake_timeout: GoDuration,
+
+    /// Bound on connecting to the local application.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub local_connect_timeout: GoDuration,
+
+    /// Bound on one TCP connect to an upstream instance.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub upstream_connect_timeout: GoDuration,
+
+    /// Instances tried per upstream connection before giving up.
+    #[arg(long, default_value = "3", value_name = "N")]
+    pub upstream_attempts: u32,
+
+    /// Bound on finding a working upstream instance, all attempts together.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub upstream_deadline: GoDuration,
+
+    /// Consecutive failures after which an instance is ejected (0: never).
+    #[arg(long, default_value = "3", value_name = "N")]
+    pub eject_after: u32,
+
+    /// How long an ejected instance is skipped before it is tried again.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub eject_for: GoDuration,
+
+    /// Close a connection when no byte has moved either way for this long (0: never).
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub idle_timeout: GoDuration,
+
+    /// On SIGINT/SIGTERM, how long open connections may finish before they
+    /// are closed. Default 4s: just under Nomad's default 5s kill_timeout, so
+    /// the drain ends before Nomad escalates to SIGKILL.
+    #[arg(long, default_value = "4s", value_name = "DURATION")]
+    pub drain_timeout: GoDuration,
+
+    /// Log level: trace, debug, info, warn or error.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+}
+
+/// Parses the process arguments, accepting Go-style flags.
+pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    Cli::try_parse_from(go_style(args.into_iter().map(Into::into).collect()))
+}
+
+/// Rewrites `-name` / `-name=value` to `--name` / `--name=value` for every
+/// long flag, leaving the values of flags alone (a value may start with `-`).
+fn go_style(args: Vec<OsString>) -> Vec<OsString> {
+    let mut root = Cli::command();
+    root.build();
+    let mut cmd = &root;
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.into_iter();
+    out.extend(iter.next());
+    let mut value_next = false;
+    while let Some(arg) = iter.next() {
+        if value_next {
+            // Join as `--flag=value`: clap would read a value that starts
+            // with `-` as another flag, Go's parser never does.
+            value_next = false;
+            if let Some(flag) = out.last_mut() {
+                flag.push("=");
+                flag.push(&arg);
+            }
+            continue;
+        }
+        let Some(s) = arg.to_str().map(str::to_string) else {
+            out.push(arg);
+            continue;
+        };
+        if s == "--" {
+            out.push(arg);
+            out.extend(iter.by_ref());
+            break;
+        }
+        let body = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
+        match body {
+            Some(body) if body.len() > 1 => {
+                let (name, has_value) = match body.split_once('=') {
+                    Some((n, _)) => (n, true),
+                    None => (body, false),
+                };
+                if let Some(a) = cmd.get_arguments().find(|a| a.get_long() == Some(name)) {
+                    let takes = a
+                        .get_num_args()
+                        .map(|r| r.min_values() > 0)
+                        .unwrap_or(false);
+                    value_next = takes && !has_value;
+                }
+                out.push(format!("--{body}").into());
+            }
+            _ => {
+                if cmd.get_name() == root.get_name() {
+                    if let Some(sub) = root.find_subcommand(&s) {
+                        cmd = sub;
+                    }
+                }
+                out.push(arg);
+            }
+        }
+    }
+    out
+}
+
+/// Go's `strconv.ParseBool`.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
+/// A duration in Go's syntax (`300ms`, `1.5s`, `2h45m`, `0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoDuration(pub Duration);
+
+impl FromStr for GoDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a duration (examples: 500ms, 10s, 1m30s, 72h)");
+        if s == "0" {
+            return Ok(GoDuration(Duration::ZERO));
+        }
+        if s.is_empty() || s.starts_with('-') {
+            return Err(bad());
+        }
+        let mut rest = s.strip_prefix('+').unwrap_or(s);
+        let mut total = 0f64;
+        while !rest.is_empty() {
+            let num_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(bad)?;
+            let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+            rest = &rest[num_len..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
+            let scale = match &rest[..unit_len] {
+                "ns" => 1e-9,
+                "us" | "µs" | "μs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(bad()),
+            };
+            rest = &rest[unit_len..];
+            total += value * scale;
+        }
+        Duration::try_from_secs_f64(total)
+            .map(GoDuration)
+            .map_err(|_| bad())
+    }
+}
+
+impl fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// How an upstream is discovered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationType {
+    /// A service name (`-upstream db:9191`).
+    Service,
+    /// A prepared query (`-upstream db.query:9191`).
+    PreparedQuery,
+}
+
+/// One `-upstream` flag: `NAME[.TYPE]:[ADDR:]PORT`, parsed as Consul's
+/// `flag_upstreams.go` does (port in Go's base-prefixed syntax), plus a
+/// bracketed IPv6 bind address, which Consul's parser cannot express.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamArg {
+    /// Destination service or query name.
+    pub name: String,
+    /// Service or prepared query.
+    pub kind: DestinationType,
+    /// Local address to listen on.
+    pub bind: SocketAddr,
+}
+
+impl FromStr for UpstreamArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || {
+            format!("{s:?}: expected NAME[.TYPE]:[ADDR:]PORT, e.g. db:9191 or db:127.0.0.1:9191")
+        };
+        let (dest, rest) = s.split_once(':').ok_or_else(syntax)?;
+        let (name, kind) = match dest.split_once('.') {
+            None | Some((_, "")) | Some((_, "service")) => (
+                dest.split('.').next().unwrap_or(dest),
+                DestinationType::Service,
+            ),
+            Some((n, "query")) => (n, DestinationType::PreparedQuery),
+            Some((_, t)) => {
+                return Err(format!(
+                    "{s:?}: unknown upstream type {t:?} (expected service or query)"
+                ))
+            }
+        };
+        if name.is_empty() {
+            return Err(syntax());
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, p) = v6.split_once("]:").ok_or_else(syntax)?;
+            (Some(h), p)
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (Some(h), p),
+                None => (None, rest),
+            }
+        };
+        let port = go_port(port).ok_or_else(|| format!("{s:?}: invalid port {port:?}"))?;
+        let ip = match host {
+            None | Some("") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Some(h) => h
+                .parse()
+                .map_err(|_| format!("{s:?}: bind address {h:?} is not an IP address"))?,
+        };
+        Ok(UpstreamArg {
+            name: name.to_string(),
+            kind,
+            bind: SocketAddr::new(ip, port),
+        })
+    }
+}
+
+/// A port in Go's `strconv.ParseInt(s, 0, 16)` syntax: decimal, `0x` hex,
+/// `0o`/leading-`0` octal, `0b` binary.
+fn go_port(s: &str) -> Option<u16> {
+    let (digits, radix) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (h, 16)
+    } else if let Some(b) = s.strip_prefix("0b").or_else(|| s.strip_prefix("0B")) {
+        (b, 2)
+    } else if let Some(o) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
+        (o, 8)
+    } else if s.len() > 1 && s.starts_with('0') {
+        (&s[1..], 8)
+    } else {
+        (s, 10)
+    };
+    if digits.is_empty() || digits.starts_with(['+', '-']) {
+        return None;
+    }
+    u16::from_str_radix(digits, radix).ok()
+}
+
+/// One `-upstream-addr NAME=HOST:PORT[,HOST:PORT...]` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddrArg {
+    /// The upstream these instances belong to.
+    pub name: String,
+    /// `HOST:PORT` strings, resolved when the configuration is built.
+    pub addrs: Vec<String>,
+}
+
+impl FromStr for UpstreamAddrArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, list) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT[,HOST:PORT...]"))?;
+        if name.is_empty() {
+            return Err(format!("{s:?}: missing upstream NAME before '='"));
+        }
+        let addrs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
+        for a in &addrs {
+            let port = a.rsplit_once(':').map(|(_, p)| p);
+            if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
+                return Err(format!("{s:?}: instance {a:?} is not HOST:PORT"));
+            }
+        }
+        Ok(UpstreamAddrArg {
+            name: name.to_string(),
+            addrs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn accepts_go_style_flags() {
+        for args in [
+            &["ferry", "-service", "web", "-listen", ":8443"][..],
+            &["ferry", "-service=web", "--listen", ":8443"],
+            &["ferry", "--service=web", "--listen=:8443"],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.proxy.service.as_deref(), Some("web"), "{args:?}");
+            assert_eq!(cli.proxy.listen.as_deref(), Some(":8443"), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn values_may_start_with_a_dash_and_last_flag_wins() {
+        let cli = parse([
+            "ferry", "-service", "-odd-", "-service", "web", "-allow", "-x",
+        ])
+        .unwrap();
+        assert_eq!(cli.proxy.service.as_deref(), Some("web"));
+        assert_eq!(cli.proxy.allow, ["-x"]);
+    }
+
+    #[test]
+    fn go_booleans() {
+        assert!(
+            parse(["ferry", "-default-deny"])
+                .unwrap()
+                .proxy
+                .default_deny
+        );
+        assert!(
+            parse(["ferry", "-default-deny=true"])
+                .unwrap()
+                .proxy
+                .default_deny
+        );
+        assert!(
+            !parse(["ferry", "-default-deny=false"])
+                .unwrap()
+                .proxy
+                .default_deny
+        );
+        assert!(!parse(["ferry"]).unwrap().proxy.default_deny);
+        assert!(parse(["ferry", "-default-deny=maybe"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_take_go_style_flags_too() {
+        let cli = parse(["ferry", "certs", "-dir", "/tmp/x", "-ttl=1h", "web", "db"]).unwrap();
+        let Some(Command::Certs(c)) = cli.command else {
+            panic!("not certs")
+        };
+        assert_eq!(c.dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.ttl.0, Duration::from_secs(3600));
+        assert_eq!(c.services, ["web", "db"]);
+    }
+
+    #[test]
+    fn parses_upstreams_like_consul() {
+        let ok = [
+            ("db:9191", "db", DestinationType::Service, "127.0.0.1:9191"),
+            (
+                "db:10.0.0.1:9191",
+                "db",
+                DestinationType::Service,
+                "10.0.0.1:9191",
+            ),
+            (
+                "db.service:9191",
+                "db",
+                DestinationType::Service,
+                "127.0.0.1:9191",
+            ),
+            (
+                "db.query:9191",
+                "db",
+                DestinationType::PreparedQuery,
+                "127.0.0.1:9191",
+            ),
+            (
+                "db:0x23e7",
+                "db",
+                DestinationType::Service,
+                "127.0.0.1:9191",
+            ),
+            (
+                "db:021747",
+                "db",
+                DestinationType::Service,
+                "127.0.0.1:9191",
+            ),
+            (
+                "db:[::1]:9191",
+                "db",
+                DestinationType::Service,
+                "[::1]:9191",
+            ),
+        ];
+        for (input, name, kind, bind) in ok {
+            let u: UpstreamArg = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(u.name, name, "{input}");
+            assert_eq!(u.kind, kind, "{input}");
+            assert_eq!(u.bind, bind.parse().unwrap(), "{input}");
+        }
+        let bad = [
+            "db",
+            ":9191",
+            "db:",
+            "db:99999",
+            "db:host.name:1",
+            "db.mesh:1",
+            "db:1:2:3",
+            "db:-1",
+        ];
+        for input in bad {
+            assert!(
+                input.parse::<UpstreamArg>().is_err(),
+                "{input} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_upstream_addrs() {
+        let u: UpstreamAddrArg = "db=127.0.0.1:1,localhost:2".parse().unwrap();
+        assert_eq!(u.name, "db");
+        assert_eq!(u.addrs, ["127.0.0.1:1", "localhost:2"]);
+        for bad in ["db", "=1.2.3.4:5", "db=1.2.3.4", "db=1.2.3.4:0", "db=h:x"] {
+            assert!(
+                bad.parse::<UpstreamAddrArg>().is_err(),
+                "{bad} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_go_durations() {
+        let ok = [
+            ("0", 0.0),
+            ("10s", 10.0),
+            ("500ms", 0.5),
+            ("1m30s", 90.0),
+            ("1.5h", 5400.0),
+            ("250us", 0.00025),
+        ];
+        for (s, secs) in ok {
+            let d: GoDuration = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert!((d.0.as_secs_f64() - secs).abs() < 1e-9, "{s}");
+        }
+        for bad in ["", "10", "-1s", "1x", "s", "1.2.3s"] {
+            assert!(bad.parse::<GoDuration>().is_err(), "{bad} was accepted");
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! What the proxy will do, built once from the command line and validated
+//! before anything binds. Nothing downstream re-validates.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::authz::{IntentionError, Intentions};
+use crate::balancer::EjectionPolicy;
+use crate::cli::{DestinationType, ProxyArgs};
+use crate::tls::{Credentials, PemBundle, TlsError};
+
+/// Why the configuration cannot be used. Each message names the flag or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("-service is required: the name of the service this proxy represents")]
+    MissingService,
+    #[error("-certs is required in this build: without it ferry would take certificates from a Consul agent, which is not supported yet. Create dev certificates with `ferry certs SERVICE...` and pass -certs DIR")]
+    MissingCerts,
+    #[error("nothing to do: give -listen with -service-addr for inbound traffic, and/or -upstream for outbound")]
+    NothingToDo,
+    #[error("-listen requires -service-addr (where to forward allowed inbound connections)")]
+    ListenWithoutServiceAddr,
+    #[error(
+        "-service-addr is set but -listen is not: there is no inbound listener to forward from"
+    )]
+    ServiceAddrWithoutListen,
+    #[error("{flag} {value:?}: {why}")]
+    BadAddr {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("-upstream {0}: no instances; add -upstream-addr {0}=HOST:PORT")]
+    NoInstances(String),
+    #[error("-upstream-addr {0}: there is no -upstream {0}")]
+    UnknownUpstream(String),
+    #[error("-upstream {0}.query: prepared queries need a Consul agent; in standalone mode use -upstream {0}:PORT")]
+    QueryInStandalone(String),
+    #[error("-upstream {name} and -upstream {other} both bind {addr}")]
+    DuplicateBind {
+        name: String,
+        other: String,
+        addr: SocketAddr,
+    },
+    #[error("{flag}: {why}")]
+    BadValue { flag: &'static str, why: String },
+    #[error("-certs {dir}: cannot read {file}: {source}")]
+    CertFile {
+        dir: PathBuf,
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("-certs {dir}: {source}")]
+    Certs { dir: PathBuf, source: TlsError },
+    #[error("{0}")]
+    Intentions(#[from] IntentionError),
+}
+
+/// Timeouts for each slow phase of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TLS handshake, inbound and outbound. Default 10 s, as Consul's
+    /// `handshake_timeout_ms`: bounds how long a client that never finishes
+    /// can hold a socket and a task.
+    pub handshake: Duration,
+    /// TCP connect to the local app. Default 1 s (Consul's
+    /// `local_connect_timeout_ms`): the app is on loopback, so a slow
+    /// connect means it is not there.
+    pub local_connect: Duration,
+    /// One TCP connect to an upstream instance. Default 1 s: an instance that
+    /// does not answer a SYN that fast is better skipped for the next one.
+    pub upstream_connect: Duration,
+    /// Everything needed to find a working instance for one connection.
+    /// Default 10 s, Consul's upstream `connect_timeout_ms`.
+    pub upstream_deadline: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            local_connect: Duration::from_secs(1),
+            upstream_connect: Duration::from_secs(1),
+            upstream_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The public mTLS listener.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The local app, `host:port`, dialed for each allowed connection.
+    pub service_addr: String,
+    /// Who may connect.
+    pub intentions: Intentions,
+}
+
+/// One upstream listener.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Destination service name (also the identity its instances must present).
+    pub name: String,
+    /// Local plaintext listener.
+    pub bind: SocketAddr,
+    /// Static instances (standalone mode).
+    pub instances: Vec<SocketAddr>,
+}
+
+/// Everything the proxy needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The service this proxy represents.
+    pub service: String,
+    /// Our certificates, validated.
+    pub credentials: Arc<Credentials>,
+    /// The public listener, if any.
+    pub inbound: Option<InboundConfig>,
+    /// Upstream listeners.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Phase timeouts.
+    pub timeouts: Timeouts,
+    /// Instances tried per upstream connection.
+    pub upstream_attempts: u32,
+    /// Passive ejection of failing instances.
+    pub ejection: EjectionPolicy,
+    /// Close connections idle this long (None: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Config {
+    /// Builds and validates the configuration, reading certificate files.
+    /// Warnings (flags that have no effect) are returned for the caller to log.
+    pub fn from_args(args: &ProxyArgs) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut warnings = Vec::new();
+        let service = args
+            .service
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::MissingService)?;
+        let dir = args.certs.clone().ok_or(ConfigError::MissingCerts)?;
+
+        let inbound = match (&args.listen, &args.service_addr) {
+            (Some(listen), Some(app)) => {
+                let intentions = Intentions::new(&args.allow, &args.deny, args.default_deny)?;
+                if intentions.allows_are_moot() {
+                    warnings.push("-allow has no effect while the default is allow; add -default-deny (or -deny '*') to refuse everyone else".to_string());
+                }
+                Some(InboundConfig {
+                    listen: parse_listen(listen)?,
+                    service_addr: check_host_port("-service-addr", app)?,
+                    intentions,
+                })
+            }
+            (Some(_), None) => return Err(ConfigError::ListenWithoutServiceAddr),
+            (None, Some(_)) => return Err(ConfigError::ServiceAddrWithoutListen),
+            (None, None) => {
+                if !args.allow.is_empty() || !args.deny.is_empty() || args.default_deny {
+                    warnings
+                        .push("-allow/-deny/-default-deny have no effect without -listen".into());
+                }
+                None
+            }
+        };
+
+        // Keyed by name: a repeated -upstream NAME overrides the earlier one,
+        // as in Consul's flag parser.
+        let mut by_name = BTreeMap::new();
+        for u in &args.upstream {
+            if u.kind == DestinationType::PreparedQuery {
+                return Err(ConfigError::QueryInStandalone(u.name.clone()));
+            }
+            if by_name.insert(u.name.clone(), u.bind).is_some() {
+                warnings.push(format!(
+                    "-upstream {} given more than once; the last one wins",
+                    u.name
+                ));
+            }
+        }
+        let mut instances: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+        for ua in &args.upstream_addr {
+            if !by_name.contains_key(&ua.name) {
+                return Err(ConfigError::UnknownUpstream(ua.name.clone()));
+            }
+            let list = instances.entry(ua.name.clone()).or_default();
+            for a in &ua.addrs {
+                list.push(resolve("-upstream-addr", a)?);
+            }
+        }
+        let mut upstreams = Vec::new();
+        let mut binds: Vec<(SocketAddr, String)> = Vec::new();
+        for (name, bind) in by_name {
+            if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
+                return Err(ConfigError::DuplicateBind {
+                    name,
+                    other: other.clone(),
+                    addr: bind,
+                });
+            }
+            binds.push((bind, name.clone()));
+            let list = instances.remove(&name).unwrap_or_default();
+            if list.is_empty() {
+                return Err(ConfigError::NoInstances(name));
+            }
+            upstreams.push(UpstreamConfig {
+                name,
+                bind,
+                instances: list,
+            });
+        }
+        if inbound.is_none() && upstreams.is_empty() {
+            return Err(ConfigError::NothingToDo);
+        }
+        if args.upstream_attempts == 0 {
+            return Err(ConfigError::BadValue {
+                flag: "-upstream-attempts",
+                why: "must be at least 1".into(),
+            });
+        }
+        let nonzero = |flag: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::BadValue {
+                    flag,
+                    why: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(d)
+            }
+        };
+        let timeouts = Timeouts {
+            handshake: nonzero("-handshake-timeout", args.handshake_timeout.0)?,
+            local_connect: nonzero("-local-connect-timeout", args.local_connect_timeout.0)?,
+            upstream_connect: nonzero(
+                "-upstream-connect-timeout",
+                args.upstream_connect_timeout.0,
+            )?,
+            upstream_deadline: nonzero("-upstream-deadline", args.upstream_deadline.0)?,
+        };
+
+        let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+        let pem = read_cert_dir(&dir, &service)?;
+        let credentials =
+            Credentials::new(&pem, &service, &names).map_err(|source| ConfigError::Certs {
+                dir: dir.clone(),
+                source,
+            })?;
+
+        let config = Config {
+            service,
+            credentials: Arc::new(credentials),
+            inbound,
+            upstreams,
+            timeouts,
+            upstream_attempts: args.upstream_attempts,
+            ejection: EjectionPolicy {
+                after_failures: args.eject_after,
+                duration: args.eject_for.0,
+            },
+            idle_timeout: Some(args.idle_timeout.0).filter(|d| !d.is_zero()),
+        };
+        Ok((config, warnings))
+    }
+}
+
+/// Reads `DIR/ca.pem`, `DIR/<service>.pem` and `DIR/<service>-key.pem`.
+pub fn read_cert_dir(dir: &Path, service: &str) -> Result<PemBundle, ConfigError> {
+    let files = [
+        dir.join("ca.pem"),
+        dir.join(format!("{service}.pem")),
+        dir.join(format!("{service}-key.pem")),
+    ];
+    let read = |f: &PathBuf| {
+        std::fs::read_to_string(f).map_err(|source| ConfigError::CertFile {
+            dir: dir.to_path_buf(),
+            file: f.clone(),
+            source,
+        })
+    };
+    Ok(PemBundle {
+        roots: read(&files[0])?,
+        chain: read(&files[1])?,
+        key: read(&files[2])?,
+        origin: files.map(|f| f.display().to_string()),
+    })
+}
+
+/// `-listen HOST:PORT`; an empty host means every address, as in Consul.
+fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |why: &str| ConfigError::BadAddr {
+        flag: "-listen",
+        value: s.to_string(),
+        why: why.to_string(),
+    };
+    if let Some(port) = s.strip_prefix(':') {
+        let port = port.parse::<u16>().map_err(|_| bad("invalid port"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    resolve("-listen", s)
+}
+
+fn check_host_port(flag: &'static str, s: &str) -> Result<String, ConfigError> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(ConfigError::BadAddr {
+            flag,
+            value: s.to_string(),
+            why: "expected HOST:PORT".into(),
+        })
+    }
+}
+
+fn resolve(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |why: String| ConfigError::BadAddr {
+        flag,
+        value: s.to_string(),
+        why,
+    };
+    let mut addrs = s.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
+    // Prefer IPv4 for names like "localhost" that resolve both ways: the
+    // listeners we point at are usually bound on 127.0.0.1.
+    let all: Vec<SocketAddr> = addrs.by_ref().collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| bad("resolves to no address".into()))
+}

@@ -1,0 +1,142 @@
+//! What one connection did, and the single log line that says so.
+//!
+//! Both listeners build a [`Report`] as the connection moves through its
+//! phases and hand it to [`Report::log`] exactly once, when it ends. Inner
+//! code returns errors; it does not log them.
+
+use std::net::SocketAddr;
+
+use tokio::time::Instant;
+
+use crate::net::Phase;
+use crate::splice::{End, Leg, Spliced};
+
+/// Which way the connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A mesh peer to our local app.
+    Inbound,
+    /// Our local app to an upstream service.
+    Upstream,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Bytes flowed and both sides closed (or the idle timeout fired, or the
+    /// proxy shut down — `detail` says which).
+    Done,
+    /// Refused by intentions.
+    Denied,
+    /// Failed in `phase`.
+    Failed,
+}
+
+/// Everything the close log line says.
+#[derive(Debug)]
+pub struct Report {
+    pub direction: Direction,
+    /// The downstream peer's address.
+    pub peer: SocketAddr,
+    /// The upstream name (upstream connections) or our service (inbound).
+    pub service: String,
+    /// The peer's SPIFFE ID once known (inbound: the client; upstream: the server).
+    pub identity: Option<String>,
+    /// The upstream instance or local app address dialed.
+    pub target: Option<String>,
+    /// The phase reached.
+    pub phase: Phase,
+    pub outcome: Outcome,
+    /// The reason for a denial or failure, or how a done connection ended.
+    pub detail: String,
+    /// Attempts made to reach an upstream instance.
+    pub attempts: u32,
+    /// Bytes from the downstream peer onward.
+    pub bytes_in: u64,
+    /// Bytes back to the downstream peer.
+    pub bytes_out: u64,
+    started: Instant,
+}
+
+impl Report {
+    /// A fresh report for a connection accepted now.
+    pub fn new(direction: Direction, peer: SocketAddr, service: &str) -> Report {
+        Report {
+            direction,
+            peer,
+            service: service.to_string(),
+            identity: None,
+            target: None,
+            phase: Phase::Handshake,
+            outcome: Outcome::Done,
+            detail: String::new(),
+            attempts: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Marks the connection failed in `phase` for `why`.
+    pub fn fail(&mut self, phase: Phase, why: impl std::fmt::Display) {
+        self.phase = phase;
+        self.outcome = Outcome::Failed;
+        self.detail = why.to_string();
+    }
+
+    /// Records a finished splice where leg A was the downstream peer.
+    pub fn spliced(&mut self, s: Spliced, a_name: &str, b_name: &str) {
+        self.phase = Phase::Splice;
+        self.bytes_in = s.a_to_b;
+        self.bytes_out = s.b_to_a;
+        let trunc = if s.truncated {
+            " (a TLS peer closed without close_notify)"
+        } else {
+            ""
+        };
+        match s.end {
+            End::Closed => self.detail = format!("closed{trunc}"),
+            End::Idle => self.detail = "idle timeout".into(),
+            End::Cancelled => self.detail = "proxy shutting down".into(),
+            End::Error(leg, e) => {
+                let side = if leg == Leg::A { a_name } else { b_name };
+                self.outcome = Outcome::Failed;
+                self.detail = format!("{side}: {e}");
+            }
+        }
+    }
+
+    /// Logs the one line for this connection.
+    pub fn log(&self) {
+        let dir = match self.direction {
+            Direction::Inbound => "inbound",
+            Direction::Upstream => "upstream",
+        };
+        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let identity = self.identity.as_deref().unwrap_or("-");
+        let target = self.target.as_deref().unwrap_or("-");
+        macro_rules! line {
+            ($lvl:ident, $msg:literal) => {
+                tracing::$lvl!(
+                    direction = dir,
+                    peer = %self.peer,
+                    service = %self.service,
+                    identity,
+                    target,
+                    phase = self.phase.as_str(),
+                    attempts = self.attempts,
+                    bytes_in = self.bytes_in,
+                    bytes_out = self.bytes_out,
+                    duration_ms = format_args!("{ms:.1}"),
+                    detail = %self.detail,
+                    $msg
+                )
+            };
+        }
+        match self.outcome {
+            Outcome::Done => line!(info, "connection closed"),
+            Outcome::Denied => line!(warn, "connection denied"),
+            Outcome::Failed => line!(warn, "connection failed"),
+        }
+    }
+}

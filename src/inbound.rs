@@ -1,0 +1,132 @@
+//! The public mTLS listener: mesh peers in, our local app out.
+//!
+//! Per connection, in this order, each step bounded: TLS handshake (client
+//! certificate required, chain and mesh identity checked by the verifier in
+//! `tls`) → read the peer's identity → intentions → only then dial the local
+//! app → splice. Unlike Consul's built-in proxy, which dials the app first
+//! and handshakes lazily, a peer that is not allowed never causes a
+//! connection to the app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authz::Intentions;
+use crate::config::Timeouts;
+use crate::conn::{Direction, Outcome, Report};
+use crate::identity::peer_identity;
+use crate::metrics::Metrics;
+use crate::net::{self, Phase};
+use crate::splice::splice;
+use crate::tls::Credentials;
+
+/// What every inbound connection shares.
+pub(crate) struct Inbound {
+    pub service: String,
+    pub service_addr: String,
+    pub intentions: Intentions,
+    /// Latest credentials; each connection takes the current one at accept.
+    pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub timeouts: Timeouts,
+    pub idle_timeout: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts until `stop` fires; each connection runs on `tracker` and ends
+/// early when `kill` fires.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Inbound>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+) {
+    while let Some((stream, peer)) = net::accept(&listener, &stop, "inbound").await {
+        ctx.metrics.inbound_accepted.inc();
+        let ctx = ctx.clone();
+        let kill = kill.clone();
+        tracker.spawn(async move {
+            ctx.metrics.inbound_active.inc();
+            let report = handle(&ctx, stream, peer, &kill).await;
+            ctx.metrics.inbound_active.dec();
+            report.log();
+        });
+    }
+}
+
+async fn handle(
+    ctx: &Inbound,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kill: &CancellationToken,
+) -> Report {
+    let mut report = Report::new(Direction::Inbound, peer, &ctx.service);
+    net::tune(&stream);
+    let acceptor = TlsAcceptor::from(ctx.credentials.borrow().server_config());
+    let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            ctx.metrics.inbound_handshake_failed.inc();
+            report.fail(Phase::Handshake, net::tls_failure(e));
+            return report;
+        }
+    };
+
+    report.phase = Phase::Authorize;
+    let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        // The verifier makes a certificate mandatory; this is belt and braces.
+        report.fail(Phase::Authorize, "no client certificate");
+        return report;
+    };
+    let identity = match peer_identity(cert) {
+        Ok(id) => id,
+        Err(e) => {
+            report.fail(Phase::Authorize, e);
+            return report;
+        }
+    };
+    report.identity = Some(identity.id.to_string());
+    let decision = ctx.intentions.decide(&identity.id);
+    if !decision.allowed {
+        ctx.metrics.authz_denied.inc();
+        report.outcome = Outcome::Denied;
+        report.detail = decision.reason;
+        // close_notify then FIN, so the peer sees an orderly close, not a reset.
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+        return report;
+    }
+    ctx.metrics.authz_allowed.inc();
+
+    report.target = Some(ctx.service_addr.clone());
+    let mut app = match net::bounded(
+        ctx.timeouts.local_connect,
+        kill,
+        net::dial(&ctx.service_addr),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics.local_connect_failed.inc();
+            report.fail(
+                Phase::ConnectLocal,
+                format!("local app {}: {e}", ctx.service_addr),
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+            return report;
+        }
+    };
+
+    let done = splice(&mut tls, &mut app, ctx.idle_timeout, kill).await;
+    ctx.metrics.inbound_bytes_in.add(done.a_to_b);
+    ctx.metrics.inbound_bytes_out.add(done.b_to_a);
+    report.spliced(done, "peer", "local app");
+    report
+}

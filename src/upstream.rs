@@ -1,0 +1,152 @@
+//! Upstream listeners: our local app in (plain TCP on loopback), a mesh
+//! instance of the destination service out (mTLS).
+//!
+//! Per connection: take up to `attempts` candidates from the balancer; for
+//! each, TCP connect and TLS handshake, each bounded, all of it within one
+//! overall deadline. The handshake verifies that the server is the
+//! destination service (see `tls`). A failure is reported to the balancer
+//! (passive ejection) and the next candidate is tried. Nothing is sent to an
+//! instance before its identity is proven, so retrying is always safe: the
+//! app's first bytes wait in the kernel until a connection is established.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balancer::{Balancer, Failure};
+use crate::config::Timeouts;
+use crate::conn::{Direction, Report};
+use crate::metrics::Metrics;
+use crate::net::{self, Phase};
+use crate::splice::splice;
+use crate::tls::Credentials;
+
+/// What every connection of one upstream listener shares.
+pub(crate) struct Upstream {
+    pub name: String,
+    pub balancer: Arc<Balancer>,
+    pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub attempts: u32,
+    pub timeouts: Timeouts,
+    pub idle_timeout: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts until `stop` fires; connections run on `tracker` and end early
+/// when `kill` fires.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Upstream>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+) {
+    while let Some((stream, peer)) = net::accept(&listener, &stop, &ctx.name).await {
+        ctx.metrics.upstream_accepted.inc();
+        let ctx = ctx.clone();
+        let kill = kill.clone();
+        tracker.spawn(async move {
+            ctx.metrics.upstream_active.inc();
+            let report = handle(&ctx, stream, peer, &kill).await;
+            ctx.metrics.upstream_active.dec();
+            report.log();
+        });
+    }
+}
+
+async fn handle(
+    ctx: &Upstream,
+    mut local: TcpStream,
+    peer: SocketAddr,
+    kill: &CancellationToken,
+) -> Report {
+    let mut report = Report::new(Direction::Upstream, peer, &ctx.name);
+    report.phase = Phase::Pick;
+    net::tune(&local);
+    let Some(config) = ctx.credentials.borrow().client_config(&ctx.name) else {
+        report.fail(Phase::Pick, "no TLS client configuration for this upstream");
+        return report;
+    };
+    let connector = TlsConnector::from(config);
+    let candidates = ctx.balancer.candidates(ctx.attempts as usize);
+    if candidates.is_empty() {
+        ctx.metrics.upstream_unavailable.inc();
+        report.fail(Phase::Pick, "no instances known");
+        return report;
+    }
+    let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
+    let mut failures = Vec::new();
+    for inst in candidates {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failures.push("overall deadline reached".to_string());
+            break;
+        }
+        report.attempts += 1;
+        if report.attempts > 1 {
+            ctx.metrics.upstream_retries.inc();
+        }
+        let attempt = async {
+            let tcp = net::bounded(
+                ctx.timeouts.upstream_connect.min(left),
+                kill,
+                net::dial_addr(inst.addr),
+            )
+            .await
+            .map_err(|e| (Phase::ConnectUpstream, e.to_string()))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            net::bounded(
+                ctx.timeouts.handshake.min(left),
+                kill,
+                connector.connect(inst.server_name.clone(), tcp),
+            )
+            .await
+            .map_err(|e| (Phase::UpstreamHandshake, net::tls_failure(e)))
+        };
+        match attempt.await {
+            Ok(mut tls) => {
+                ctx.balancer.report_success(&inst);
+                report.target = Some(inst.addr.to_string());
+                report.identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::identity::peer_identity(c).ok())
+                    .map(|p| p.id.to_string());
+                let done = splice(&mut local, &mut tls, ctx.idle_timeout, kill).await;
+                ctx.metrics.upstream_bytes_out.add(done.a_to_b);
+                ctx.metrics.upstream_bytes_in.add(done.b_to_a);
+                report.spliced(done, "local app", "upstream");
+                return report;
+            }
+            Err((phase, why)) => {
+                if kill.is_cancelled() {
+                    report.fail(phase, "proxy shutting down");
+                    return report;
+                }
+                ctx.metrics.upstream_attempt_failed.inc();
+                if let Failure::Ejected(n) = ctx.balancer.report_failure(&inst) {
+                    ctx.metrics.upstream_ejections.inc();
+                    tracing::warn!(upstream = %ctx.name, instance = %inst.addr, consecutive_failures = n, "instance ejected");
+                }
+                report.phase = phase;
+                failures.push(format!("{}: {phase}: {why}", inst.addr));
+            }
+        }
+    }
+    ctx.metrics.upstream_unavailable.inc();
+    let phase = report.phase;
+    report.fail(
+        phase,
+        format!("no instance reachable ({})", failures.join("; ")),
+    );
+    report
+}
