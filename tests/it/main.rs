@@ -1,0 +1,15 @@
+//! ferry's integration tests: one binary, real sockets, real TLS, all on
+//! 127.0.0.1. Each module is a group of scenarios.
+
+mod support;
+
+// Bytes through two ferries: sizes, directions, half-close.
+mod transfer;
+// Round robin, retries past dead instances, ejection and recovery.
+mod balancing;
+// What the inbound and upstream sides refuse, and that ferry keeps serving.
+mod refusals;
+// Other TLS stacks: openssl s_client into ferry, ferry into openssl s_server.
+mod interop;
+// The binary's command line: bad flags and files give clear errors.
+mod cli;

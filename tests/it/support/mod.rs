@@ -1,0 +1,438 @@
+//! Test harness: a dev PKI on disk, ferry started in-process from real
+//! command-line flags, plain and mTLS echo servers with counters, raw mesh
+//! clients with any certificate, and `eventually` for conditions with a
+//! deadline. Every socket is on 127.0.0.1, port 0.
+
+#![allow(dead_code)] // not every test module uses every helper
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::certs::{DevCa, Leaf, LeafSpec};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// How long any single wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Logs to the test's captured output when RUST_LOG-style debugging is wanted.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A dev CA and a directory laid out as `-certs` expects.
+pub struct Pki {
+    pub ca: DevCa,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A new CA with a random trust domain; `ca.pem` is written.
+    pub fn new() -> Pki {
+        Pki::with_trust_domain(&ferry::certs::random_trust_domain())
+    }
+
+    /// A new CA for `trust_domain`.
+    pub fn with_trust_domain(trust_domain: &str) -> Pki {
+        let ca = DevCa::generate(trust_domain).expect("generate CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        ca.write(dir.path()).expect("write CA");
+        Pki { ca, dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn dir_arg(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.ca.trust_domain()
+    }
+
+    /// Issues a Consul-shaped leaf for `service` in dc1 and writes it to the dir.
+    pub fn leaf(&self, service: &str) -> Leaf {
+        let leaf = self
+            .ca
+            .leaf(service, "dc1", Duration::from_secs(3600))
+            .expect("leaf");
+        ferry::certs::write_leaf(self.dir(), service, &leaf).expect("write leaf");
+        leaf
+    }
+
+    /// Issues a leaf exactly as `spec` says (not written to the dir).
+    pub fn issue(&self, spec: &LeafSpec) -> Leaf {
+        self.ca.issue(spec).expect("issue")
+    }
+
+    /// The SPIFFE URI for `service` in dc1.
+    pub fn uri(&self, service: &str) -> String {
+        self.ca.spiffe_uri("dc1", service)
+    }
+
+    /// A path inside the dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A running ferry, started in-process from command-line flags.
+pub struct Ferry {
+    pub running: ferry::Running,
+}
+
+impl Ferry {
+    /// Parses `args` exactly as the binary would and starts the proxy.
+    /// Panics with the error text if the flags are refused.
+    pub async fn start(args: &[&str]) -> Ferry {
+        let argv = std::iter::once("ferry").chain(args.iter().copied());
+        let cli = ferry::cli::parse(argv).unwrap_or_else(|e| panic!("flags {args:?}: {e}"));
+        let (config, _warnings) =
+            ferry::Config::from_args(&cli.proxy).unwrap_or_else(|e| panic!("config {args:?}: {e}"));
+        let running = ferry::start(config).await.expect("start ferry");
+        Ferry { running }
+    }
+
+    pub fn inbound(&self) -> SocketAddr {
+        self.running.inbound.expect("ferry has an inbound listener")
+    }
+
+    pub fn upstream(&self, name: &str) -> SocketAddr {
+        self.running
+            .upstream(name)
+            .expect("ferry has that upstream")
+    }
+
+    pub fn metrics(&self) -> &ferry::metrics::Metrics {
+        &self.running.metrics
+    }
+}
+
+/// Counters kept by a test server.
+#[derive(Default, Debug)]
+pub struct Counts {
+    pub accepted: AtomicUsize,
+    pub closed: AtomicUsize,
+}
+
+impl Counts {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A plain TCP echo server (the "local app"): copies what it reads back
+/// until EOF, then shuts down its write side.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
+    task: JoinHandle<()>,
+}
+
+impl EchoServer {
+    pub async fn start() -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        EchoServer::on(listener)
+    }
+
+    /// Serves on an already-bound listener (to restart on a known port).
+    pub fn on(listener: TcpListener) -> EchoServer {
+        let addr = listener.local_addr().expect("addr");
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.accepted.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    echo(&mut s).await;
+                    c.closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        EchoServer { addr, counts, task }
+    }
+
+    pub fn addr_arg(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown().await;
+}
+
+/// An mTLS echo server presenting `leaf` and requiring a client certificate
+/// from `pki`'s CA: an upstream instance without a ferry in front of it.
+pub struct TlsEchoServer {
+    pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
+    task: JoinHandle<()>,
+}
+
+impl TlsEchoServer {
+    pub async fn start(pki: &Pki, leaf: &Leaf) -> TlsEchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tls echo");
+        let addr = listener.local_addr().expect("addr");
+        let config = server_config(pki, leaf);
+        let acceptor = TlsAcceptor::from(config);
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                c.accepted.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(s).await {
+                        echo(&mut tls).await;
+                    }
+                    c.closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        TlsEchoServer { addr, counts, task }
+    }
+}
+
+impl Drop for TlsEchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs")
+}
+
+fn key(pem: &str) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key")
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS server config presenting `leaf`, requiring client certs from `pki`.
+pub fn server_config(pki: &Pki, leaf: &Leaf) -> Arc<ServerConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(pki.ca.cert_pem()) {
+        roots.add(c).expect("root");
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .expect("verifier");
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&leaf.cert_pem), key(&leaf.key_pem))
+        .expect("server cert");
+    Arc::new(config)
+}
+
+/// A mesh client that presents `client` (or no certificate) and accepts any
+/// server certificate: for testing what ferry's *inbound* side refuses.
+pub fn raw_client(client: Option<&Leaf>) -> TlsConnector {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
+    let config = match client {
+        Some(leaf) => builder
+            .with_client_auth_cert(certs(&leaf.cert_pem), key(&leaf.key_pem))
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    TlsConnector::from(Arc::new(config))
+}
+
+/// The server name raw clients send.
+pub fn any_name() -> ServerName<'static> {
+    ServerName::try_from("ferry.test").expect("name")
+}
+
+#[derive(Debug)]
+struct AcceptAnyServer;
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Sends `msg`, half-closes, and returns everything read back until EOF.
+/// An error or reset counts as "nothing came back" only if `Err` is returned.
+pub async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    tokio::time::timeout(DEADLINE, async {
+        s.write_all(msg).await?;
+        s.shutdown().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        Ok(got)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "round trip timed out",
+        ))
+    })
+}
+
+/// Connects to a plain listener (an upstream of ferry) and checks that
+/// `msg` comes back intact through the mesh.
+pub async fn assert_echo(addr: SocketAddr, msg: &[u8]) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let got = round_trip(&mut s, msg).await.expect("round trip");
+    assert_eq!(got.len(), msg.len(), "echoed length through {addr}");
+    assert!(got == msg, "echoed bytes differ through {addr}");
+}
+
+/// Waits until `check` returns true, polling every 10 ms, or panics after
+/// DEADLINE with `what`.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {DEADLINE:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Awaits `fut` for at most DEADLINE.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?}: {what}"))
+}
+
+/// A mesh pair: `server_svc`'s ferry fronting an echo app, and
+/// `client_svc`'s ferry with an upstream to it. Extra inbound flags go in
+/// `inbound_extra` (e.g. intentions).
+pub struct Mesh {
+    pub pki: Pki,
+    pub app: EchoServer,
+    pub server: Ferry,
+    pub client: Ferry,
+}
+
+impl Mesh {
+    pub async fn start(client_svc: &str, server_svc: &str, inbound_extra: &[&str]) -> Mesh {
+        let pki = Pki::new();
+        pki.leaf(client_svc);
+        pki.leaf(server_svc);
+        let app = EchoServer::start().await;
+        let dir = pki.dir_arg();
+        let app_addr = app.addr_arg();
+        let mut args = vec![
+            "-service",
+            server_svc,
+            "-listen",
+            "127.0.0.1:0",
+            "-service-addr",
+            &app_addr,
+            "-certs",
+            &dir,
+        ];
+        args.extend_from_slice(inbound_extra);
+        let server = Ferry::start(&args).await;
+        let up = format!("{server_svc}:127.0.0.1:0");
+        let inst = format!("{server_svc}={}", server.inbound());
+        let client = Ferry::start(&[
+            "-service",
+            client_svc,
+            "-upstream",
+            &up,
+            "-upstream-addr",
+            &inst,
+            "-certs",
+            &dir,
+        ])
+        .await;
+        Mesh {
+            pki,
+            app,
+            server,
+            client,
+        }
+    }
+
+    /// The client-side ferry's local listener for the server service.
+    pub fn entry(&self, server_svc: &str) -> SocketAddr {
+        self.client.upstream(server_svc)
+    }
+}
