@@ -132,7 +132,8 @@ mod tests {
     #[test]
     fn evaluates_like_consul() {
         // (name, allow, deny, default_deny, source, expected)
-        let cases: &[(&str, &[&str], &[&str], bool, &str, bool)] = &[
+        type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], bool, &'a str, bool);
+        let cases: &[Case] = &[
             ("no rules allow everyone", &[], &[], false, "web", true),
             ("default deny with no rules", &[], &[], true, "web", false),
             (

@@ -342,7 +342,7 @@ fn random_serial() -> SerialNumber {
 }
 
 fn uri_san(uri: &str) -> Result<SanType, CertError> {
-    Ok(SanType::URI(uri.try_into().map_err(rcgen::Error::from)?))
+    Ok(SanType::URI(uri.try_into()?))
 }
 
 fn check_trust_domain(td: &str) -> Result<(), CertError> {

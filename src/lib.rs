@@ -18,7 +18,7 @@
 //! - [`config`]: what the proxy will do, validated before anything binds.
 //! - [`identity`]: SPIFFE IDs, Consul serials, SNI, reading peer certificates.
 //! - [`tls`]: validated credentials and the mesh verifiers for both directions.
-//! - [`authz`]: intentions.
+//! - [`authz`]: intentions (who may connect).
 //! - [`balancer`]: round robin with passive ejection.
 //! - [`inbound`], [`upstream`]: the two listeners; [`splice`]: moving bytes;
 //!   [`net`]: sockets and phase timeouts; [`conn`]: the per-connection log line.

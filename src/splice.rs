@@ -78,7 +78,7 @@ where
     let mut ba = Pipe::new();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let mut idle = idle.map(|d| IdleTimer::new(d));
+    let mut idle = idle.map(IdleTimer::new);
 
     let end = std::future::poll_fn(|cx| {
         if cancelled.as_mut().poll(cx).is_ready() {
