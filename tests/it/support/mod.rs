@@ -210,6 +210,11 @@ impl TlsEchoServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind tls echo");
+        TlsEchoServer::on(pki, leaf, listener)
+    }
+
+    /// Serves on an already-bound listener (to bring an instance back on its port).
+    pub fn on(pki: &Pki, leaf: &Leaf, listener: TcpListener) -> TlsEchoServer {
         let addr = listener.local_addr().expect("addr");
         let config = server_config(pki, leaf);
         let acceptor = TlsAcceptor::from(config);
@@ -378,6 +383,12 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?}: {what}"))
+}
+
+/// An address where nothing listens (connections are refused): bound, then released.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
 }
 
 /// A mesh pair: `server_svc`'s ferry fronting an echo app, and
