@@ -51,13 +51,16 @@ pub enum CertError {
 pub struct DevCa {
     trust_domain: String,
     cert_pem: String,
+    /// Intermediates between this CA and the root, this CA's own first
+    /// (empty for a root). Appended to every leaf, as Consul's `CertPEM` is.
+    chain_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
 pub struct Leaf {
-    /// The certificate (a single PEM block).
+    /// The certificate, followed by any intermediates (Consul's `CertPEM`).
     pub cert_pem: String,
     /// The private key, SEC 1 `EC PRIVATE KEY`.
     pub key_pem: String,
@@ -126,6 +129,40 @@ impl DevCa {
         Ok(DevCa {
             trust_domain: trust_domain.to_string(),
             cert_pem: cert.pem(),
+            chain_pem: String::new(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// An intermediate CA signed by this one, for the same trust domain, as
+    /// Consul uses in secondary datacenters and with Vault. Its leaves carry
+    /// the intermediate after the leaf in `cert_pem`.
+    pub fn intermediate(&self) -> Result<DevCa, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            format!("sec.consul.ca.{}", self.trust_domain),
+        );
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(DevCa {
+            trust_domain: self.trust_domain.clone(),
+            cert_pem: cert.pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
             issuer: Issuer::new(params, key),
         })
     }
@@ -150,6 +187,7 @@ impl DevCa {
         Ok(DevCa {
             trust_domain,
             cert_pem,
+            chain_pem: String::new(),
             issuer,
         })
     }
@@ -214,7 +252,7 @@ impl DevCa {
         ];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf {
-            cert_pem: cert.pem(),
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: sec1_pem(&key),
         })
     }

@@ -134,3 +134,81 @@ async fn many_concurrent_connections_each_round_trip() {
     }
     assert_eq!(mesh.app.counts.accepted(), 50);
 }
+
+/// Leaves signed by an intermediate CA (Consul's secondary datacenters,
+/// Vault) work in both directions when the peer sends the intermediate in
+/// its chain, as Consul's `CertPEM` does; only the root is trusted.
+#[tokio::test]
+async fn chains_through_an_intermediate_are_accepted_both_ways() {
+    let pki = Pki::new();
+    let inter = pki.ca.intermediate().expect("intermediate");
+    for svc in ["web", "api"] {
+        let leaf = inter
+            .leaf(svc, "dc1", std::time::Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            leaf.cert_pem.matches("BEGIN CERTIFICATE").count(),
+            2,
+            "leaf + intermediate"
+        );
+        ferry::certs::write_leaf(pki.dir(), svc, &leaf).unwrap();
+    }
+    let app = EchoServer::start().await;
+    let dir = pki.dir_arg();
+    let app_addr = app.addr_arg();
+    let server = Ferry::start(&[
+        "-service",
+        "api",
+        "-listen",
+        "127.0.0.1:0",
+        "-service-addr",
+        &app_addr,
+        "-certs",
+        &dir,
+    ])
+    .await;
+    let inst = format!("api={}", server.inbound());
+    let client = Ferry::start(&[
+        "-service",
+        "web",
+        "-upstream",
+        "api:0",
+        "-upstream-addr",
+        &inst,
+        "-certs",
+        &dir,
+    ])
+    .await;
+    assert_echo(client.upstream("api"), b"through an intermediate").await;
+
+    // Without the intermediate, a client's leaf does not chain to the root.
+    let bare = inter
+        .leaf("web", "dc1", std::time::Duration::from_secs(3600))
+        .unwrap();
+    let leaf_only = ferry::certs::Leaf {
+        cert_pem: bare
+            .cert_pem
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .unwrap()
+            .to_string(),
+        key_pem: bare.key_pem.clone(),
+    };
+    let tcp = TcpStream::connect(server.inbound()).await.unwrap();
+    let refused = match raw_client(Some(&leaf_only)).connect(any_name(), tcp).await {
+        Ok(mut tls) => round_trip(&mut tls, b"no intermediate")
+            .await
+            .map_or(true, |b| b.is_empty()),
+        Err(_) => true,
+    };
+    assert!(refused, "a leaf without its intermediate must be refused");
+    eventually("the handshake failure to be counted", || {
+        server.metrics().inbound_handshake_failed.get() == 1
+    })
+    .await;
+    assert_eq!(
+        app.counts.accepted(),
+        1,
+        "only the good connection reached the app"
+    );
+}
