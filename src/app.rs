@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,7 +22,7 @@ use crate::config::Config;
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::tls::Credentials;
-use crate::{inbound, net, upstream};
+use crate::{inbound, upstream};
 
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
     let bind = |what: String, addr: SocketAddr| async move {
-        net::bind(addr)
+        TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { what, addr, source })
     };

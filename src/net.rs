@@ -126,11 +126,6 @@ pub async fn dial_addr(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Binds a listener; `what` names it in the error (e.g. "-listen").
-pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 /// Accepts the next connection, riding out transient accept errors (out of
 /// file descriptors, aborted handshakes) with a short backoff so one bad
 /// moment never ends the listener. Returns `None` when `cancel` fires.

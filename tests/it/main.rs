@@ -7,6 +7,8 @@ mod support;
 mod transfer;
 // Round robin, retries past dead instances, ejection and recovery.
 mod balancing;
+// Certificate rotation under live connections.
+mod rotation;
 // What the inbound and upstream sides refuse, and that ferry keeps serving.
 mod refusals;
 // Other TLS stacks: openssl s_client into ferry, ferry into openssl s_server.
