@@ -285,8 +285,18 @@ impl FromStr for GoDuration {
 }
 
 impl fmt::Display for GoDuration {
+    /// Go's form for whole seconds (`72h0m0s`, `1m30s`), else Rust's (`1.5s`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
+        let d = self.0;
+        if d.subsec_nanos() != 0 || d.is_zero() {
+            return write!(f, "{d:?}");
+        }
+        let s = d.as_secs();
+        match (s / 3600, s % 3600 / 60, s % 60) {
+            (0, 0, s) => write!(f, "{s}s"),
+            (0, m, s) => write!(f, "{m}m{s}s"),
+            (h, m, s) => write!(f, "{h}h{m}m{s}s"),
+        }
     }
 }
 
@@ -575,5 +585,10 @@ mod tests {
         for bad in ["", "10", "-1s", "1x", "s", "1.2.3s"] {
             assert!(bad.parse::<GoDuration>().is_err(), "{bad} was accepted");
         }
+        let shown: Vec<String> = ["72h", "90s", "5s", "1.5s"]
+            .iter()
+            .map(|s| s.parse::<GoDuration>().unwrap().to_string())
+            .collect();
+        assert_eq!(shown, ["72h0m0s", "1m30s", "5s", "1.5s"]);
     }
 }

@@ -117,11 +117,11 @@ fn certs(args: CertsArgs) -> ExitCode {
             );
             for (svc, path) in args.services.iter().zip(&done.leaves) {
                 println!(
-                    "wrote {} and its key: spiffe://{}/ns/default/dc/{}/svc/{svc}, valid {:?}",
+                    "wrote {} and its key: spiffe://{}/ns/default/dc/{}/svc/{svc}, valid {}",
                     path.display(),
                     done.trust_domain,
                     args.dc,
-                    args.ttl.0
+                    args.ttl
                 );
             }
             ExitCode::SUCCESS
