@@ -310,6 +310,16 @@ struct MeshClientVerifier {
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
+    // Stated, not inherited from the trait's defaults: a mesh peer without a
+    // certificate must never get past the handshake.
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
