@@ -40,8 +40,12 @@ pub struct Report {
     pub peer: SocketAddr,
     /// The upstream name (upstream connections) or our service (inbound).
     pub service: String,
-    /// The peer's SPIFFE ID once known (inbound: the client; upstream: the server).
-    pub identity: Option<String>,
+    /// Who is connecting: inbound, the client's SPIFFE ID once verified;
+    /// upstream, our own.
+    pub source: Option<String>,
+    /// Who is reached: inbound, our own SPIFFE ID; upstream, the server's
+    /// once verified.
+    pub destination: Option<String>,
     /// The upstream instance or local app address dialed.
     pub target: Option<String>,
     /// The phase reached.
@@ -59,13 +63,19 @@ pub struct Report {
 }
 
 impl Report {
-    /// A fresh report for a connection accepted now.
-    pub fn new(direction: Direction, peer: SocketAddr, service: &str) -> Report {
+    /// A fresh report for a connection accepted now; `me` is our own SPIFFE ID.
+    pub fn new(direction: Direction, peer: SocketAddr, service: &str, me: String) -> Report {
+        let me = Some(me);
+        let (source, destination) = match direction {
+            Direction::Inbound => (None, me),
+            Direction::Upstream => (me, None),
+        };
         Report {
             direction,
             peer,
             service: service.to_string(),
-            identity: None,
+            source,
+            destination,
             target: None,
             phase: Phase::Handshake,
             outcome: Outcome::Done,
@@ -113,7 +123,8 @@ impl Report {
             Direction::Upstream => "upstream",
         };
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let identity = self.identity.as_deref().unwrap_or("-");
+        let source = self.source.as_deref().unwrap_or("-");
+        let destination = self.destination.as_deref().unwrap_or("-");
         let target = self.target.as_deref().unwrap_or("-");
         macro_rules! line {
             ($lvl:ident, $msg:literal) => {
@@ -121,7 +132,8 @@ impl Report {
                     direction = dir,
                     peer = %self.peer,
                     service = %self.service,
-                    identity,
+                    source,
+                    destination,
                     target,
                     phase = self.phase.as_str(),
                     attempts = self.attempts,

@@ -179,8 +179,8 @@ fn demo(dir: &Path) -> Result<(), String> {
         "  billing -> api   denied: api's sidecar closed the connection before the app saw it"
     );
     println!(
-        "                   api sidecar logged: identity={} detail=\"{}\"",
-        field(&line, "identity").unwrap_or("?"),
+        "                   api sidecar logged: source={} detail=\"{}\"",
+        field(&line, "source").unwrap_or("?"),
         line.split("detail=")
             .nth(1)
             .map(|d| d.split(" connection").next().unwrap_or(d).trim_matches('"'))

@@ -67,9 +67,15 @@ async fn handle(
     peer: SocketAddr,
     kill: &CancellationToken,
 ) -> Report {
-    let mut report = Report::new(Direction::Inbound, peer, &ctx.service);
+    let credentials = ctx.credentials.borrow().clone();
+    let mut report = Report::new(
+        Direction::Inbound,
+        peer,
+        &ctx.service,
+        credentials.identity.id.to_string(),
+    );
     net::tune(&stream);
-    let acceptor = TlsAcceptor::from(ctx.credentials.borrow().server_config());
+    let acceptor = TlsAcceptor::from(credentials.server_config());
     let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {
         Ok(tls) => tls,
         Err(e) => {
@@ -92,7 +98,7 @@ async fn handle(
             return report;
         }
     };
-    report.identity = Some(identity.id.to_string());
+    report.source = Some(identity.id.to_string());
     let decision = ctx.intentions.decide(&identity.id);
     if !decision.allowed {
         ctx.metrics.authz_denied.inc();

@@ -67,10 +67,16 @@ async fn handle(
     peer: SocketAddr,
     kill: &CancellationToken,
 ) -> Report {
-    let mut report = Report::new(Direction::Upstream, peer, &ctx.name);
+    let credentials = ctx.credentials.borrow().clone();
+    let mut report = Report::new(
+        Direction::Upstream,
+        peer,
+        &ctx.name,
+        credentials.identity.id.to_string(),
+    );
     report.phase = Phase::Pick;
     net::tune(&local);
-    let Some(config) = ctx.credentials.borrow().client_config(&ctx.name) else {
+    let Some(config) = credentials.client_config(&ctx.name) else {
         report.fail(Phase::Pick, "no TLS client configuration for this upstream");
         return report;
     };
@@ -114,7 +120,7 @@ async fn handle(
             Ok(mut tls) => {
                 ctx.balancer.report_success(&inst);
                 report.target = Some(inst.addr.to_string());
-                report.identity = tls
+                report.destination = tls
                     .get_ref()
                     .1
                     .peer_certificates()

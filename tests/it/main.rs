@@ -13,5 +13,7 @@ mod rotation;
 mod refusals;
 // Other TLS stacks: openssl s_client into ferry, ferry into openssl s_server.
 mod interop;
+// The per-connection log line, read from the binary's stderr.
+mod logs;
 // The binary's command line: bad flags and files give clear errors.
 mod cli;
