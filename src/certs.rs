@@ -101,6 +101,14 @@ impl LeafSpec {
     }
 }
 
+impl CertError {
+    /// True when the user asked for something invalid (as opposed to the
+    /// machine failing to do it): the binary exits with its usage code.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, CertError::Io { .. } | CertError::Generate(_))
+    }
+}
+
 impl DevCa {
     /// Creates a new CA for `trust_domain` (`<uuid>.consul`).
     pub fn generate(trust_domain: &str) -> Result<DevCa, CertError> {
@@ -304,6 +312,15 @@ pub fn ensure_dir(
     ttl: Duration,
     services: &[String],
 ) -> Result<Issued, CertError> {
+    // Check every name before writing anything: a typo must not leave a
+    // fresh CA behind.
+    check_name(dc).map_err(|_| CertError::BadDatacenter(dc.into()))?;
+    for svc in services {
+        check_name(svc).map_err(|_| CertError::BadServiceName(svc.clone()))?;
+    }
+    if let Some(td) = trust_domain {
+        check_trust_domain(td)?;
+    }
     let io = |e| CertError::Io {
         path: dir.to_path_buf(),
         source: e,

@@ -54,7 +54,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("-certs {dir}: {source}")]
-    Certs { dir: PathBuf, source: TlsError },
+    Certs { dir: PathBuf, source: Box<TlsError> },
     #[error("{0}")]
     Intentions(#[from] IntentionError),
 }
@@ -246,7 +246,7 @@ impl Config {
         let credentials =
             Credentials::new(&pem, &service, &names).map_err(|source| ConfigError::Certs {
                 dir: dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
 
         let config = Config {

@@ -128,7 +128,11 @@ fn certs(args: CertsArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ferry certs: {e}");
-            ExitCode::FAILURE
+            if e.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -50,14 +50,26 @@ pub enum TlsError {
     },
     #[error("{what}: no PEM private key found (expected EC PRIVATE KEY or PRIVATE KEY)")]
     NoKey { what: String },
-    #[error("private key does not match the leaf certificate, or cannot be used: {0}")]
-    KeyMismatch(rustls::Error),
-    #[error("leaf certificate does not chain to the trusted roots: {0}")]
-    LeafNotTrusted(rustls::Error),
-    #[error("leaf certificate identity: {0}")]
-    LeafIdentity(#[from] IdentityError),
-    #[error("leaf certificate is for service {found:?}, but this proxy is {expected:?}")]
-    WrongService { expected: String, found: String },
+    #[error("{key} is not the private key of the leaf in {chain} ({why})")]
+    KeyMismatch {
+        chain: String,
+        key: String,
+        why: String,
+    },
+    #[error("{chain}: leaf certificate does not chain to the trusted roots in {roots}: {why}")]
+    LeafNotTrusted {
+        chain: String,
+        roots: String,
+        why: rustls::Error,
+    },
+    #[error("{chain}: leaf certificate identity: {why}")]
+    LeafIdentity { chain: String, why: IdentityError },
+    #[error("{chain}: leaf certificate is for service {found:?}, but this proxy is {expected:?}")]
+    WrongService {
+        chain: String,
+        expected: String,
+        found: String,
+    },
     #[error("building the TLS configuration: {0}")]
     Config(String),
 }
@@ -140,11 +152,26 @@ impl Credentials {
                 what: key_what.clone(),
             })?;
         let certified = Arc::new(
-            CertifiedKey::from_der(chain.clone(), key, &provider).map_err(TlsError::KeyMismatch)?,
+            CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| {
+                let why = match e {
+                    rustls::Error::InconsistentKeys(_) => "the public keys differ".to_string(),
+                    other => other.to_string(),
+                };
+                TlsError::KeyMismatch {
+                    chain: chain_what.clone(),
+                    key: key_what.clone(),
+                    why,
+                }
+            })?,
         );
 
         let leaf = &chain[0];
-        let parsed = ParsedCertificate::try_from(leaf).map_err(TlsError::LeafNotTrusted)?;
+        let untrusted = |why| TlsError::LeafNotTrusted {
+            chain: chain_what.clone(),
+            roots: roots_what.clone(),
+            why,
+        };
+        let parsed = ParsedCertificate::try_from(leaf).map_err(untrusted)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
@@ -152,10 +179,14 @@ impl Credentials {
             UnixTime::now(),
             provider.signature_verification_algorithms.all,
         )
-        .map_err(TlsError::LeafNotTrusted)?;
-        let identity = peer_identity(leaf)?;
+        .map_err(untrusted)?;
+        let identity = peer_identity(leaf).map_err(|why| TlsError::LeafIdentity {
+            chain: chain_what.clone(),
+            why,
+        })?;
         if identity.id.service != service {
             return Err(TlsError::WrongService {
+                chain: chain_what.clone(),
                 expected: service.to_string(),
                 found: identity.id.service.clone(),
             });
