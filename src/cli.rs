@@ -241,6 +241,13 @@ fn go_bool(s: &str) -> Result<bool, String> {
 }
 
 /// A duration in Go's syntax (`300ms`, `1.5s`, `2h45m`, `0`).
+///
+/// ```
+/// use ferry::cli::GoDuration;
+/// let d: GoDuration = "1m30s".parse().unwrap();
+/// assert_eq!(d.0.as_secs(), 90);
+/// assert_eq!(d.to_string(), "1m30s");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GoDuration(pub Duration);
 

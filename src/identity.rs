@@ -64,6 +64,14 @@ impl SpiffeId {
 
     /// Parses a service SPIFFE ID. Segments may be percent-encoded, as Consul's
     /// parser allows; any other shape (agent, gateway, signing IDs) is refused.
+    ///
+    /// ```
+    /// use ferry::identity::SpiffeId;
+    /// let id = SpiffeId::parse("spiffe://1234.consul/ns/default/dc/dc1/svc/web").unwrap();
+    /// assert_eq!((id.service.as_str(), id.datacenter.as_str()), ("web", "dc1"));
+    /// assert_eq!(id.sni(), "web.default.dc1.internal.1234.consul");
+    /// assert!(SpiffeId::parse("spiffe://1234.consul/agent/client/dc/dc1/id/n1").is_err());
+    /// ```
     pub fn parse(uri: &str) -> Result<SpiffeId, IdentityError> {
         let bad = |why| IdentityError::NotServiceId {
             uri: uri.to_string(),
@@ -218,6 +226,10 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<PeerIdentity, IdentityError> {
 /// Consul's serial format: lower-case hex of the minimal big-endian bytes,
 /// colon separated (`8` -> `08`, `0x01154b` -> `01:15:4b`). DER integers may
 /// carry a leading zero byte to stay positive; Consul's encoding drops it.
+///
+/// ```
+/// assert_eq!(ferry::identity::colon_hex(&[0x00, 0x01, 0x15, 0x4b]), "01:15:4b");
+/// ```
 pub fn colon_hex(raw: &[u8]) -> String {
     let trimmed = match raw.iter().position(|&b| b != 0) {
         Some(i) => &raw[i..],
