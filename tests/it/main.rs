@@ -15,5 +15,7 @@ mod refusals;
 mod interop;
 // The per-connection log line, read from the binary's stderr.
 mod logs;
+// The fake Consul agent itself behaves like Consul (so failures elsewhere are ferry's).
+mod fake_agent;
 // The binary's command line: bad flags and files give clear errors.
 mod cli;

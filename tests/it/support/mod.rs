@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+pub mod fake_agent;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

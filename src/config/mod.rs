@@ -12,6 +12,8 @@ use crate::balancer::EjectionPolicy;
 use crate::cli::{DestinationType, ProxyArgs};
 use crate::tls::{Credentials, PemBundle, TlsError};
 
+pub mod agent;
+
 /// Why the configuration cannot be used. Each message names the flag or file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
