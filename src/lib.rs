@@ -33,6 +33,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod consul;
 pub mod demo;
 pub mod identity;
 mod inbound;
@@ -41,6 +42,7 @@ pub mod net;
 pub mod signal;
 pub mod splice;
 pub mod tls;
+pub mod watch;
 mod upstream;
 
 pub use app::{start, Running};
