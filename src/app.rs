@@ -93,7 +93,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let ctx = Arc::new(inbound::Inbound {
             service: config.service.clone(),
             service_addr: i.service_addr.clone(),
-            intentions: i.intentions.clone(),
+            authz: crate::authz::Authorizer::Static(i.intentions.clone()),
             credentials: creds_rx.clone(),
             timeouts: config.timeouts,
             idle_timeout: config.idle_timeout,

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authz::Intentions;
+use crate::authz::Authorizer;
 use crate::config::Timeouts;
 use crate::conn::{Direction, Outcome, Report};
 use crate::identity::peer_identity;
@@ -31,7 +31,7 @@ use crate::tls::Credentials;
 pub(crate) struct Inbound {
     pub service: String,
     pub service_addr: String,
-    pub intentions: Intentions,
+    pub authz: Authorizer,
     /// Latest credentials; each connection takes the current one at accept.
     pub credentials: watch::Receiver<Arc<Credentials>>,
     pub timeouts: Timeouts,
@@ -99,7 +99,15 @@ async fn handle(
         }
     };
     report.source = Some(identity.id.to_string());
-    let decision = ctx.intentions.decide(&identity.id);
+    let decision = match ctx.authz.decide(&identity).await {
+        Ok(d) => d,
+        Err(e) => {
+            ctx.metrics.authz_error.inc();
+            report.fail(Phase::Authorize, e);
+            let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+            return report;
+        }
+    };
     if !decision.allowed {
         ctx.metrics.authz_denied.inc();
         report.outcome = Outcome::Denied;

@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod consul;
+pub mod control;
 pub mod demo;
 pub mod identity;
 mod inbound;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub authz_allowed: Counter,
     /// Inbound connections denied by intentions.
     pub authz_denied: Counter,
+    /// Inbound connections refused because no decision could be made.
+    pub authz_error: Counter,
     /// Inbound connections whose local application could not be reached.
     pub local_connect_failed: Counter,
     /// Bytes from mesh peers to the local application.
