@@ -1,10 +1,11 @@
 //! The supervisor: turns a [`Config`] into bound listeners and running tasks,
 //! and stops them.
 //!
-//! Shutdown uses two tokens and one tracker: `stop` ends the accept loops,
-//! `kill` ends connections still open after the grace period. Every task
-//! (listeners and connections) is spawned on the tracker, so `shutdown` can
-//! wait for all of it.
+//! Two trackers, three tokens. The data plane (listeners and connections)
+//! runs on `conns`; `stop` ends the accept loops and `kill` ends connections
+//! still open after the grace period. The control plane (agent watchers) runs
+//! on `control` until `halt`, which fires only once the data plane is done:
+//! certificates can still rotate while connections drain.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,12 +18,23 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::{AgentAuthorizer, Authorizer};
 use crate::balancer::Balancer;
-use crate::config::Config;
+use crate::config::{AuthzSource, CertSource, Config, Discovery};
+use crate::consul::{AgentClient, AgentError};
+use crate::control;
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::tls::Credentials;
+use crate::watch::WatchPolicy;
 use crate::{inbound, upstream};
+
+/// How long one authorize call may take before the connection is refused.
+/// The agent answers from a local cache in well under a millisecond; two
+/// seconds means it is in trouble.
+const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a prepared-query upstream is re-executed (queries cannot block).
+const QUERY_REFRESH: Duration = Duration::from_secs(30);
 
 /// Errors starting the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +45,12 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("stopped before the agent delivered certificates")]
+    Cancelled,
+    #[error("configuration asks for the agent but no agent address was resolved")]
+    NoAgent,
 }
 
 /// A running proxy.
@@ -46,27 +64,80 @@ pub struct Running {
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Publishes new credentials to every listener (rotation).
-    credentials: watch::Sender<Arc<Credentials>>,
+    credentials: Arc<watch::Sender<Arc<Credentials>>>,
+    /// Which upstreams need client configs; kept open so the credentials
+    /// watcher keeps running (upstream changes will publish here).
+    _upstream_names: watch::Sender<Vec<String>>,
     stop: CancellationToken,
     kill: CancellationToken,
-    tracker: TaskTracker,
+    halt: CancellationToken,
+    conns: TaskTracker,
+    control: TaskTracker,
 }
 
-/// Binds every listener and starts serving. Returns once all listeners are
-/// bound, so callers (and tests using port 0) can connect immediately.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+/// Starts the proxy. With an agent, waits until it has delivered roots and a
+/// leaf that validate; then binds every listener and returns, so callers
+/// (and tests using port 0) can connect at once. `watch_policy` times the
+/// agent watchers (tests shorten it).
+pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
-    let (credentials, creds_rx) = watch::channel(config.credentials.clone());
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let halt = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let control = TaskTracker::new();
+    let client = match &config.agent {
+        Some(a) => Some(AgentClient::new(a)?),
+        None => None,
+    };
+    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+
+    // Certificates first: nothing is bound before we can do mTLS.
+    let (names_tx, names_rx) = watch::channel(names);
+    let (first, from_agent) = match (&config.certs, &client) {
+        (CertSource::Files(c), _) => (c.clone(), None),
+        (CertSource::Agent, None) => return Err(StartError::NoAgent),
+        (CertSource::Agent, Some(client)) => {
+            let (tx, mut rx) = watch::channel(None);
+            control.spawn(control::credentials(
+                client.clone(),
+                config.service.clone(),
+                names_rx,
+                tx,
+                watch_policy,
+                halt.clone(),
+            ));
+            tracing::info!(service = %config.service, "waiting for certificates from the agent");
+            let first = loop {
+                if let Some(c) = rx.borrow_and_update().clone() {
+                    break c;
+                }
+                if rx.changed().await.is_err() {
+                    return Err(StartError::Cancelled);
+                }
+            };
+            (first, Some(rx))
+        }
+    };
+    let (creds_tx, creds_rx) = watch::channel(first.clone());
+    let creds_tx = Arc::new(creds_tx);
+    if let Some(mut rx) = from_agent {
+        let tx = creds_tx.clone();
+        control.spawn(async move {
+            while rx.changed().await.is_ok() {
+                if let Some(c) = rx.borrow_and_update().clone() {
+                    tx.send_replace(c);
+                }
+            }
+        });
+    }
+
     let bind = |what: String, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { what, addr, source })
     };
-
-    // Bind everything before spawning anything, so a failure leaves nothing behind.
+    // Bind everything before spawning listeners, so a failure leaves none behind.
     let inbound_listener = match &config.inbound {
         Some(i) => Some(bind("-listen".into(), i.listen).await?),
         None => None,
@@ -81,31 +152,46 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams: BTreeMap::new(),
         balancers: BTreeMap::new(),
         metrics: metrics.clone(),
-        credentials,
+        credentials: creds_tx,
+        _upstream_names: names_tx,
         stop: stop.clone(),
         kill: kill.clone(),
-        tracker: tracker.clone(),
+        halt: halt.clone(),
+        conns: conns.clone(),
+        control: control.clone(),
     };
-    let me = &config.credentials.identity.id;
+    let me = &first.identity.id;
 
     if let (Some(listener), Some(i)) = (inbound_listener, &config.inbound) {
         let addr = listener.local_addr().unwrap_or(i.listen);
+        let authz = match (&i.authz, &client) {
+            (AuthzSource::Static(set), _) => Authorizer::Static(set.clone()),
+            (AuthzSource::Agent { fallback_window }, Some(client)) => {
+                Authorizer::Agent(AgentAuthorizer::new(
+                    client.clone(),
+                    config.service.clone(),
+                    AUTHORIZE_TIMEOUT,
+                    *fallback_window,
+                ))
+            }
+            (AuthzSource::Agent { .. }, None) => return Err(StartError::NoAgent),
+        };
         let ctx = Arc::new(inbound::Inbound {
             service: config.service.clone(),
             service_addr: i.service_addr.clone(),
-            authz: crate::authz::Authorizer::Static(i.intentions.clone()),
+            authz,
             credentials: creds_rx.clone(),
             timeouts: config.timeouts,
             idle_timeout: config.idle_timeout,
             metrics: metrics.clone(),
         });
         tracing::info!(identity = %me, listen = %addr, service_addr = %i.service_addr, "inbound listener ready");
-        tracker.spawn(inbound::serve(
+        conns.spawn(inbound::serve(
             listener,
             ctx,
             stop.clone(),
             kill.clone(),
-            tracker.clone(),
+            conns.clone(),
         ));
         running.inbound = Some(addr);
     }
@@ -117,12 +203,36 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             service: u.name.clone(),
             ..me.clone()
         };
-        balancer.set_instances(
-            u.instances
-                .iter()
-                .map(|a| (*a, server_name(&target, *a)))
-                .collect(),
-        );
+        let discovery = match (&u.discovery, &client) {
+            (Discovery::Static(list), _) => {
+                balancer.set_instances(
+                    list.iter()
+                        .map(|a| (*a, server_name(&target, *a)))
+                        .collect(),
+                );
+                None
+            }
+            (Discovery::Service { datacenter }, Some(_)) => Some(control::Discovery::Service {
+                name: u.name.clone(),
+                datacenter: datacenter.clone(),
+            }),
+            (Discovery::Query { datacenter }, Some(_)) => Some(control::Discovery::Query {
+                name: u.name.clone(),
+                datacenter: datacenter.clone(),
+                every: QUERY_REFRESH,
+            }),
+            (_, None) => return Err(StartError::NoAgent),
+        };
+        if let (Some(d), Some(client)) = (discovery, &client) {
+            control.spawn(control::instances(
+                client.clone(),
+                d,
+                target.clone(),
+                balancer.clone(),
+                watch_policy,
+                halt.clone(),
+            ));
+        }
         let ctx = Arc::new(upstream::Upstream {
             name: u.name.clone(),
             balancer: balancer.clone(),
@@ -132,13 +242,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             idle_timeout: config.idle_timeout,
             metrics: metrics.clone(),
         });
-        tracing::info!(upstream = %u.name, listen = %addr, instances = u.instances.len(), sni = %target.sni(), "upstream listener ready");
-        tracker.spawn(upstream::serve(
+        tracing::info!(upstream = %u.name, listen = %addr, sni = %target.sni(), "upstream listener ready");
+        conns.spawn(upstream::serve(
             listener,
             ctx,
             stop.clone(),
             kill.clone(),
-            tracker.clone(),
+            conns.clone(),
         ));
         running.upstreams.insert(u.name.clone(), addr);
         running.balancers.insert(u.name.clone(), balancer);
@@ -165,18 +275,25 @@ impl Running {
         self.credentials.send_replace(credentials);
     }
 
+    /// The credentials new connections use now.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.borrow().clone()
+    }
+
     /// Stops accepting, lets open connections finish for up to `grace`, then
-    /// closes the rest. Returns true if every connection finished on its own.
+    /// closes the rest, then stops the control plane. Returns true if every
+    /// connection finished on its own.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.stop.cancel();
-        self.tracker.close();
-        let clean = tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_ok();
+        self.conns.close();
+        let clean = tokio::time::timeout(grace, self.conns.wait()).await.is_ok();
         if !clean {
             self.kill.cancel();
-            self.tracker.wait().await;
+            self.conns.wait().await;
         }
+        self.halt.cancel();
+        self.control.close();
+        self.control.wait().await;
         clean
     }
 }

@@ -7,7 +7,20 @@
 //! one-dash long flags (it knows which words are flags and which take a
 //! value, from clap's own definition) and then lets clap do the rest.
 //!
+//! Every flag of `consul connect proxy` is accepted with Consul's meaning and
+//! default. The Consul-agent flags Consul shares between its commands
+//! (`-http-addr`, `-token`, TLS, `-datacenter`, `-stale`) live in
+//! [`AgentArgs`], flattened into [`ProxyArgs`]; the flags that choose how the
+//! proxy is configured (`-proxy-id`, `-sidecar-for`, `-register`, ...) and
+//! logging live in [`ProxyArgs`] itself.
+//!
 //! This module only says what the user typed; `config` decides what it means.
+//! In particular no flag here reads the environment (clap's `env` attribute is
+//! deliberately not used): the fallbacks to `CONSUL_HTTP_ADDR`,
+//! `CONNECT_PROXY_ID` and the others are applied by
+//! [`AgentConfig::resolve`](crate::config::agent::AgentConfig::resolve) and
+//! [`ProxyIdentity::resolve`](crate::config::agent::ProxyIdentity::resolve)
+//! through the `Env` trait, so tests never touch the process environment.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -17,6 +30,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use tracing::level_filters::LevelFilter;
+
+use crate::config::agent::Token;
 
 /// ferry: a small, fast L4 sidecar proxy for Consul service mesh.
 #[derive(Debug, Parser)]
@@ -77,6 +93,21 @@ pub struct DemoArgs {
 /// The proxy's own flags.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
+    /// Agent API mode: the ID of a connect-proxy service already registered
+    /// on the local agent; the proxy takes its configuration from that
+    /// registration. Takes precedence over -sidecar-for. Default: none.
+    /// Environment: CONNECT_PROXY_ID (used when the flag is not given).
+    #[arg(long, value_name = "ID")]
+    pub proxy_id: Option<String>,
+
+    /// Agent API mode: the ID of a service instance on the local agent; the
+    /// proxy becomes the one connect-proxy registered with
+    /// Proxy.DestinationServiceID set to it (more than one is an error).
+    /// Default: none. Environment: CONNECT_SIDECAR_FOR (used when the flag is
+    /// not given).
+    #[arg(long, value_name = "ID")]
+    pub sidecar_for: Option<String>,
+
     /// Name of the service this proxy represents; its leaf certificate is for this name.
     #[arg(long, value_name = "NAME")]
     pub service: Option<String>,
@@ -90,6 +121,20 @@ pub struct ProxyArgs {
     /// This hop is plain TCP: keep it on loopback.
     #[arg(long, value_name = "HOST:PORT")]
     pub service_addr: Option<String>,
+
+    /// Register this proxy with the local agent as a connect-proxy service
+    /// (ID SERVICE-proxy, or SERVICE-proxy-ID with -register-id ID) with a
+    /// TTL check it keeps passing, and deregister it on shutdown. Needs
+    /// -service and -listen.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub register: bool,
+
+    /// With -register: a suffix that makes the registered ID
+    /// SERVICE-proxy-ID, to tell several proxies of one service apart.
+    /// Default: none.
+    #[arg(long, value_name = "ID")]
+    pub register_id: Option<String>,
 
     /// A local plaintext listener for a destination service:
     /// NAME[.TYPE]:[ADDR:]PORT (ADDR defaults to 127.0.0.1; TYPE is service or query).
@@ -152,15 +197,130 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub idle_timeout: GoDuration,
 
+    /// With a Consul agent: when the agent cannot be reached, an
+    /// authorization made for the same source service within this window is
+    /// reused instead of refusing the connection (0 turns the fallback off).
+    /// Default 10s: long enough to ride out an agent restart, short enough
+    /// that an intention revoked just before the outage is honoured soon.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub authz_fallback_window: GoDuration,
+
     /// On SIGINT/SIGTERM, how long open connections may finish before they
     /// are closed. Default 4s: just under Nomad's default 5s kill_timeout, so
     /// the drain ends before Nomad escalates to SIGKILL.
     #[arg(long, default_value = "4s", value_name = "DURATION")]
     pub drain_timeout: GoDuration,
 
-    /// Log level: trace, debug, info, warn or error.
+    /// Log level: trace, debug, info, warn or error, in any case; Consul's
+    /// spellings (TRACE, DEBUG, INFO, WARN, ERR, ERROR) work too.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
+
+    /// Write log lines as JSON objects, one per line, instead of text.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub log_json: bool,
+
+    /// Accepted for compatibility and ignored with a warning: Consul serves Go's
+    /// pprof profiles on this HOST:PORT (or :PORT), which has no Rust
+    /// equivalent. Default: none (disabled).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub pprof_addr: Option<String>,
+
+    /// How to reach the local Consul agent.
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// How to reach the local Consul agent: the HTTP API flags Consul's commands
+/// share (`command/flags/http.go`, client and server flag sets).
+///
+/// Each value is what was typed, or `None`; an empty value counts as not
+/// given, as in Consul. The environment fallbacks, the defaults and the checks
+/// are applied by
+/// [`AgentConfig::resolve`](crate::config::agent::AgentConfig::resolve).
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Consul agent")]
+pub struct AgentArgs {
+    /// Address of the agent's HTTP API: HOST:PORT, http://HOST:PORT[/PREFIX],
+    /// https://HOST:PORT[/PREFIX] or unix:///PATH/TO/SOCKET. Default
+    /// http://127.0.0.1:8500; https is the default scheme when
+    /// CONSUL_HTTP_SSL=true. Environment: CONSUL_HTTP_ADDR.
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<String>,
+
+    /// ACL token sent to the agent. Default: none (the agent then uses its
+    /// own default token). Environment: CONSUL_HTTP_TOKEN. -token-file wins
+    /// over this; this wins over CONSUL_HTTP_TOKEN_FILE.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<Token>,
+
+    /// File holding the ACL token (surrounding whitespace is ignored); it
+    /// must be readable. Wins over -token. Default: none. Environment:
+    /// CONSUL_HTTP_TOKEN_FILE.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM file of CA certificates for verifying the agent's HTTPS
+    /// certificate. Default: none. Environment: CONSUL_CACERT.
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Directory of PEM CA certificates for verifying the agent's HTTPS
+    /// certificate. Default: none. Environment: CONSUL_CAPATH.
+    #[arg(long, value_name = "PATH")]
+    pub ca_path: Option<PathBuf>,
+
+    /// Client certificate (PEM) for agents with verify_incoming; needs
+    /// -client-key. Default: none. Environment: CONSUL_CLIENT_CERT.
+    #[arg(long, value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of -client-cert. Default: none. Environment:
+    /// CONSUL_CLIENT_KEY.
+    #[arg(long, value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
+
+    /// Server name for SNI and for checking the agent's certificate; a
+    /// trailing :PORT is dropped. Default: the host of -http-addr.
+    /// Environment: CONSUL_TLS_SERVER_NAME. (CONSUL_HTTP_SSL_VERIFY=false
+    /// turns certificate verification off; it has no flag, as in Consul.)
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Datacenter to query, sent as ?dc= on the agent API calls that take
+    /// it. Default: the agent's own datacenter.
+    #[arg(long, value_name = "DC")]
+    pub datacenter: Option<String>,
+
+    /// Accepted for compatibility and ignored with a warning when set: Consul
+    /// declares it for this command but never applies it to the proxy's
+    /// queries.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub stale: bool,
+}
+
+/// `-log-level`: ferry's names and Consul's (`TRACE`, `DEBUG`, `INFO`,
+/// `WARN`, `ERR`/`ERROR`), case-insensitively, plus `off`. `None` for
+/// anything else.
+///
+/// ```
+/// use ferry::cli::log_level;
+/// use tracing::level_filters::LevelFilter;
+/// assert_eq!(log_level("ERR"), Some(LevelFilter::ERROR));
+/// assert_eq!(log_level("loud"), None);
+/// ```
+pub fn log_level(s: &str) -> Option<LevelFilter> {
+    match s.to_ascii_lowercase().as_str() {
+        "trace" => Some(LevelFilter::TRACE),
+        "debug" => Some(LevelFilter::DEBUG),
+        "info" => Some(LevelFilter::INFO),
+        "warn" => Some(LevelFilter::WARN),
+        "err" | "error" => Some(LevelFilter::ERROR),
+        "off" => Some(LevelFilter::OFF),
+        _ => None,
+    }
 }
 
 /// Parses the process arguments, accepting Go-style flags.
@@ -232,7 +392,7 @@ fn go_style(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 /// Go's `strconv.ParseBool`.
-fn go_bool(s: &str) -> Result<bool, String> {
+pub(crate) fn go_bool(s: &str) -> Result<bool, String> {
     match s {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
@@ -484,6 +644,191 @@ mod tests {
         );
         assert!(!parse(["ferry"]).unwrap().proxy.default_deny);
         assert!(parse(["ferry", "-default-deny=maybe"]).is_err());
+    }
+
+    #[test]
+    fn every_consul_connect_proxy_flag_is_accepted() {
+        // `consul connect proxy` (command/connect/proxy/proxy.go with the
+        // client and server flag sets of command/flags/http.go).
+        let consul = [
+            "proxy-id",
+            "sidecar-for",
+            "log-level",
+            "log-json",
+            "pprof-addr",
+            "service",
+            "upstream",
+            "service-addr",
+            "listen",
+            "register",
+            "register-id",
+            "http-addr",
+            "token",
+            "token-file",
+            "ca-file",
+            "ca-path",
+            "client-cert",
+            "client-key",
+            "tls-server-name",
+            "datacenter",
+            "stale",
+        ];
+        let cmd = Cli::command();
+        let ours: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        for flag in consul {
+            assert!(ours.contains(&flag), "-{flag} is missing");
+        }
+    }
+
+    #[test]
+    fn consul_flags_in_go_style() {
+        let p = parse([
+            "ferry",
+            "-register",
+            "-register-id",
+            "2",
+            "-proxy-id=web-sidecar-proxy",
+            "-sidecar-for",
+            "web",
+            "-log-json",
+            "-pprof-addr",
+            ":6060",
+            "-http-addr",
+            "unix:///tmp/c.sock",
+            "-token",
+            "-starts-with-a-dash",
+            "-token-file=/run/token",
+            "-ca-file",
+            "/ca.pem",
+            "-ca-path=/cas",
+            "-client-cert",
+            "/c.pem",
+            "-client-key",
+            "/k.pem",
+            "-tls-server-name",
+            "consul.local:8501",
+            "-datacenter",
+            "dc2",
+            "-stale",
+        ])
+        .unwrap()
+        .proxy;
+        assert!(p.register);
+        assert_eq!(p.register_id.as_deref(), Some("2"));
+        assert_eq!(p.proxy_id.as_deref(), Some("web-sidecar-proxy"));
+        assert_eq!(p.sidecar_for.as_deref(), Some("web"));
+        assert!(p.log_json);
+        assert_eq!(p.pprof_addr.as_deref(), Some(":6060"));
+        let a = &p.agent;
+        assert_eq!(a.http_addr.as_deref(), Some("unix:///tmp/c.sock"));
+        assert_eq!(
+            a.token.as_ref().map(Token::secret),
+            Some("-starts-with-a-dash")
+        );
+        assert_eq!(a.token_file, Some(PathBuf::from("/run/token")));
+        assert_eq!(a.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(a.ca_path, Some(PathBuf::from("/cas")));
+        assert_eq!(a.client_cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(a.client_key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(a.tls_server_name.as_deref(), Some("consul.local:8501"));
+        assert_eq!(a.datacenter.as_deref(), Some("dc2"));
+        assert!(a.stale);
+    }
+
+    #[test]
+    fn consul_flag_defaults() {
+        let p = parse(["ferry"]).unwrap().proxy;
+        assert!(!p.register && !p.log_json && !p.agent.stale);
+        assert_eq!(p.log_level, "info");
+        assert!(p.proxy_id.is_none() && p.sidecar_for.is_none() && p.register_id.is_none());
+        assert!(p.pprof_addr.is_none());
+        let a = p.agent;
+        assert!(a.http_addr.is_none() && a.token.is_none() && a.token_file.is_none());
+        assert!(a.ca_file.is_none() && a.ca_path.is_none() && a.tls_server_name.is_none());
+        assert!(a.client_cert.is_none() && a.client_key.is_none() && a.datacenter.is_none());
+    }
+
+    #[test]
+    fn consul_go_booleans() {
+        type Get = fn(&ProxyArgs) -> bool;
+        let cases: [(&[&str], Get, bool); 9] = [
+            (&["-register"], |p| p.register, true),
+            (&["-register=true"], |p| p.register, true),
+            (&["-register=false"], |p| p.register, false),
+            (&["-register=0"], |p| p.register, false),
+            (&["-log-json"], |p| p.log_json, true),
+            (&["--log-json=F"], |p| p.log_json, false),
+            (&["-stale"], |p| p.agent.stale, true),
+            (&["-stale=false"], |p| p.agent.stale, false),
+            // A Go boolean never takes the next word as its value.
+            (&["-register", "-service", "web"], |p| p.register, true),
+        ];
+        for (args, get, want) in cases {
+            let argv = std::iter::once("ferry").chain(args.iter().copied());
+            let cli = parse(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(get(&cli.proxy), want, "{args:?}");
+        }
+        for bad in ["-register=maybe", "-log-json=yes", "-stale=2"] {
+            assert!(parse(["ferry", bad]).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug_or_help() {
+        let cli = parse(["ferry", "-token", "s3cret-token"]).unwrap();
+        assert!(!format!("{cli:?}").contains("s3cret-token"));
+        assert!(!format!("{cli:#?}").contains("s3cret-token"));
+        let help = Cli::command().render_long_help().to_string();
+        for var in [
+            "CONSUL_HTTP_ADDR",
+            "CONSUL_HTTP_SSL",
+            "CONSUL_HTTP_TOKEN",
+            "CONSUL_HTTP_TOKEN_FILE",
+            "CONSUL_CACERT",
+            "CONSUL_CAPATH",
+            "CONSUL_CLIENT_CERT",
+            "CONSUL_CLIENT_KEY",
+            "CONSUL_TLS_SERVER_NAME",
+            "CONNECT_PROXY_ID",
+            "CONNECT_SIDECAR_FOR",
+        ] {
+            assert!(help.contains(var), "--help does not mention {var}");
+        }
+        // No default is printed for the token: it has none, and clap's
+        // `env` attribute (which could show a value) is not used.
+        let token_help = help
+            .split("--token <TOKEN>")
+            .nth(1)
+            .and_then(|rest| rest.split("--token-file").next())
+            .expect("-token in --help");
+        assert!(!token_help.contains("[default"), "{token_help}");
+        assert!(!token_help.contains("[env"), "{token_help}");
+    }
+
+    #[test]
+    fn log_levels_in_both_spellings() {
+        let ok = [
+            ("trace", LevelFilter::TRACE),
+            ("TRACE", LevelFilter::TRACE),
+            ("debug", LevelFilter::DEBUG),
+            ("DEBUG", LevelFilter::DEBUG),
+            ("info", LevelFilter::INFO),
+            ("INFO", LevelFilter::INFO),
+            ("Info", LevelFilter::INFO),
+            ("warn", LevelFilter::WARN),
+            ("WARN", LevelFilter::WARN),
+            ("err", LevelFilter::ERROR),
+            ("ERR", LevelFilter::ERROR),
+            ("error", LevelFilter::ERROR),
+            ("ERROR", LevelFilter::ERROR),
+            ("off", LevelFilter::OFF),
+        ];
+        for (s, want) in ok {
+            assert_eq!(log_level(s), Some(want), "{s}");
+        }
+        for bad in ["", "loud", "warning", "3", " info"] {
+            assert_eq!(log_level(bad), None, "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -273,6 +273,10 @@ impl AgentClient {
     /// Builds a client for `config`. Reads TLS files now, so a bad
     /// `-ca-file` is reported at startup.
     pub fn new(config: &AgentConfig) -> Result<AgentClient, AgentError> {
+        // reqwest (built without a bundled provider) asks rustls for the
+        // process default even for plain http; make it ring, like the rest of
+        // ferry. Already installed is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(60))

@@ -243,7 +243,7 @@ fn targets(entries: &[ServiceEntry], expect: &SpiffeId) -> Vec<(SocketAddr, Serv
             ServerName::try_from(id.sni()).unwrap_or_else(|_| ServerName::IpAddress(ip.into()));
         out.push((addr, name));
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|a| a.0);
     out.dedup_by(|a, b| a.0 == b.0);
     out
 }

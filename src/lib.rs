@@ -43,8 +43,8 @@ pub mod net;
 pub mod signal;
 pub mod splice;
 pub mod tls;
-pub mod watch;
 mod upstream;
+pub mod watch;
 
 pub use app::{start, Running};
 pub use config::Config;

@@ -6,8 +6,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use ferry::cli::{self, CertsArgs, Command, ProxyArgs};
+use ferry::config::agent::ProcessEnv;
 use ferry::config::Config;
-use tracing::level_filters::LevelFilter;
+use ferry::watch::WatchPolicy;
 
 /// Bad flags, bad files: the BSD `EX_USAGE` code, as linkerd's proxy uses.
 const EXIT_USAGE: u8 = 64;
@@ -32,23 +33,28 @@ fn main() -> ExitCode {
 }
 
 fn proxy(args: ProxyArgs) -> ExitCode {
-    let level = match args.log_level.to_ascii_lowercase().parse::<LevelFilter>() {
-        Ok(l) => l,
-        Err(_) => {
-            eprintln!(
-                "ferry: -log-level {:?}: expected trace, debug, info, warn or error",
-                args.log_level
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let Some(level) = cli::log_level(&args.log_level) else {
+        eprintln!(
+            "ferry: -log-level {:?}: expected trace, debug, info, warn or error (any case; Consul's ERR works too)",
+            args.log_level
+        );
+        return ExitCode::from(EXIT_USAGE);
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        // One JSON object per line, the event's fields at the top level
+        // next to "timestamp", "level", "target" and "message".
+        logs.json().flatten_event(true).with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+    for w in ignored_flags(&args) {
+        tracing::warn!("{w}");
+    }
 
-    let (config, warnings) = match Config::from_args(&args) {
+    let (config, warnings) = match Config::from_args(&args, &ProcessEnv) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferry: {e}");
@@ -70,7 +76,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
     };
     let drain = args.drain_timeout.0;
     runtime.block_on(async move {
-        let running = match ferry::start(config).await {
+        let running = match ferry::start(config, WatchPolicy::default()).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("{e}");
@@ -94,6 +100,19 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Flags Consul's proxy has that are accepted for compatibility but do
+/// nothing here, each with the reason, for a startup warning.
+fn ignored_flags(args: &ProxyArgs) -> Vec<&'static str> {
+    let mut ignored = Vec::new();
+    if args.pprof_addr.as_deref().is_some_and(|a| !a.is_empty()) {
+        ignored.push("-pprof-addr is ignored: it serves Go's pprof profiles in Consul, which have no equivalent in ferry");
+    }
+    if args.agent.stale {
+        ignored.push("-stale is ignored, as in Consul: it is declared for this command but never applied to the proxy's queries");
+    }
+    ignored
 }
 
 fn certs(args: CertsArgs) -> ExitCode {

@@ -14,13 +14,17 @@ use crate::tls::{Credentials, PemBundle, TlsError};
 
 pub mod agent;
 
+use agent::{AgentConfig, AgentConfigError, Env, ProxyIdentity};
+
 /// Why the configuration cannot be used. Each message names the flag or file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("-service is required: the name of the service this proxy represents")]
     MissingService,
-    #[error("-certs is required in this build: without it ferry would take certificates from a Consul agent, which is not supported yet. Create dev certificates with `ferry certs SERVICE...` and pass -certs DIR")]
-    MissingCerts,
+    #[error("-proxy-id/-sidecar-for {0}: taking the whole configuration from the agent's registration is not supported yet; use -service with -listen/-service-addr/-upstream")]
+    RegistrationMode(String),
+    #[error("{0}")]
+    Agent(#[from] AgentConfigError),
     #[error("nothing to do: give -listen with -service-addr for inbound traffic, and/or -upstream for outbound")]
     NothingToDo,
     #[error("-listen requires -service-addr (where to forward allowed inbound connections)")]
@@ -99,18 +103,49 @@ pub struct InboundConfig {
     /// The local app, `host:port`, dialed for each allowed connection.
     pub service_addr: String,
     /// Who may connect.
-    pub intentions: Intentions,
+    pub authz: AuthzSource,
+}
+
+/// Where intention decisions come from.
+#[derive(Debug, Clone)]
+pub enum AuthzSource {
+    /// Static intentions from `-allow`/`-deny`/`-default-deny`.
+    Static(Intentions),
+    /// The agent's authorize API; while the agent is unreachable, a decision
+    /// for the same source made within `fallback_window` is reused.
+    Agent { fallback_window: Duration },
+}
+
+/// How an upstream's instances are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// Fixed addresses (standalone `-upstream-addr`).
+    Static(Vec<SocketAddr>),
+    /// Healthy instances from the agent, optionally in another datacenter.
+    Service { datacenter: Option<String> },
+    /// A prepared query executed through the agent.
+    Query { datacenter: Option<String> },
 }
 
 /// One upstream listener.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Destination service name (also the identity its instances must present).
+    /// Destination service (or prepared query) name; instances must present
+    /// this service's identity.
     pub name: String,
     /// Local plaintext listener.
     pub bind: SocketAddr,
-    /// Static instances (standalone mode).
-    pub instances: Vec<SocketAddr>,
+    /// Where instances come from.
+    pub discovery: Discovery,
+}
+
+/// Where our certificates come from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// Loaded and validated from `-certs` at startup.
+    Files(Arc<Credentials>),
+    /// Watched from the agent; nothing accepts mTLS until they arrive.
+    Agent,
 }
 
 /// Everything the proxy needs to run.
@@ -118,8 +153,10 @@ pub struct UpstreamConfig {
 pub struct Config {
     /// The service this proxy represents.
     pub service: String,
-    /// Our certificates, validated.
-    pub credentials: Arc<Credentials>,
+    /// Our certificates.
+    pub certs: CertSource,
+    /// How to reach the agent, when one is used.
+    pub agent: Option<AgentConfig>,
     /// The public listener, if any.
     pub inbound: Option<InboundConfig>,
     /// Upstream listeners.
@@ -135,27 +172,47 @@ pub struct Config {
 }
 
 impl Config {
-    /// Builds and validates the configuration, reading certificate files.
+    /// Builds and validates the configuration: reads certificate files in
+    /// standalone mode (`-certs`), resolves how to reach the agent otherwise.
     /// Warnings (flags that have no effect) are returned for the caller to log.
-    pub fn from_args(args: &ProxyArgs) -> Result<(Config, Vec<String>), ConfigError> {
+    pub fn from_args(
+        args: &ProxyArgs,
+        env: &dyn Env,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
         let mut warnings = Vec::new();
+        let standalone = args.certs.is_some();
+        match ProxyIdentity::resolve(args, env) {
+            ProxyIdentity::None => {}
+            ProxyIdentity::ProxyId(id) | ProxyIdentity::SidecarFor(id) => {
+                return Err(ConfigError::RegistrationMode(id));
+            }
+        }
         let service = args
             .service
             .clone()
             .filter(|s| !s.is_empty())
             .ok_or(ConfigError::MissingService)?;
-        let dir = args.certs.clone().ok_or(ConfigError::MissingCerts)?;
 
         let inbound = match (&args.listen, &args.service_addr) {
             (Some(listen), Some(app)) => {
-                let intentions = Intentions::new(&args.allow, &args.deny, args.default_deny)?;
-                if intentions.allows_are_moot() {
-                    warnings.push("-allow has no effect while the default is allow; add -default-deny (or -deny '*') to refuse everyone else".to_string());
-                }
+                let authz = if standalone {
+                    let intentions = Intentions::new(&args.allow, &args.deny, args.default_deny)?;
+                    if intentions.allows_are_moot() {
+                        warnings.push("-allow has no effect while the default is allow; add -default-deny (or -deny '*') to refuse everyone else".to_string());
+                    }
+                    AuthzSource::Static(intentions)
+                } else {
+                    if !args.allow.is_empty() || !args.deny.is_empty() || args.default_deny {
+                        warnings.push("-allow/-deny/-default-deny are ignored: with a Consul agent, intentions come from Consul".into());
+                    }
+                    AuthzSource::Agent {
+                        fallback_window: args.authz_fallback_window.0,
+                    }
+                };
                 Some(InboundConfig {
                     listen: parse_listen(listen)?,
                     service_addr: check_host_port("-service-addr", app)?,
-                    intentions,
+                    authz,
                 })
             }
             (Some(_), None) => return Err(ConfigError::ListenWithoutServiceAddr),
@@ -173,10 +230,10 @@ impl Config {
         // as in Consul's flag parser.
         let mut by_name = BTreeMap::new();
         for u in &args.upstream {
-            if u.kind == DestinationType::PreparedQuery {
+            if standalone && u.kind == DestinationType::PreparedQuery {
                 return Err(ConfigError::QueryInStandalone(u.name.clone()));
             }
-            if by_name.insert(u.name.clone(), u.bind).is_some() {
+            if by_name.insert(u.name.clone(), (u.bind, u.kind)).is_some() {
                 warnings.push(format!(
                     "-upstream {} given more than once; the last one wins",
                     u.name
@@ -193,9 +250,10 @@ impl Config {
                 list.push(resolve("-upstream-addr", a)?);
             }
         }
+        let datacenter = args.agent.datacenter.clone().filter(|d| !d.is_empty());
         let mut upstreams = Vec::new();
         let mut binds: Vec<(SocketAddr, String)> = Vec::new();
-        for (name, bind) in by_name {
+        for (name, (bind, kind)) in by_name {
             if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
                 return Err(ConfigError::DuplicateBind {
                     name,
@@ -204,14 +262,20 @@ impl Config {
                 });
             }
             binds.push((bind, name.clone()));
-            let list = instances.remove(&name).unwrap_or_default();
-            if list.is_empty() {
-                return Err(ConfigError::NoInstances(name));
-            }
+            let discovery = match instances.remove(&name) {
+                Some(list) => Discovery::Static(list),
+                None if standalone => return Err(ConfigError::NoInstances(name)),
+                None if kind == DestinationType::PreparedQuery => Discovery::Query {
+                    datacenter: datacenter.clone(),
+                },
+                None => Discovery::Service {
+                    datacenter: datacenter.clone(),
+                },
+            };
             upstreams.push(UpstreamConfig {
                 name,
                 bind,
-                instances: list,
+                discovery,
             });
         }
         if inbound.is_none() && upstreams.is_empty() {
@@ -243,17 +307,28 @@ impl Config {
             upstream_deadline: nonzero("-upstream-deadline", args.upstream_deadline.0)?,
         };
 
-        let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
-        let pem = read_cert_dir(&dir, &service)?;
-        let credentials =
-            Credentials::new(&pem, &service, &names).map_err(|source| ConfigError::Certs {
-                dir: dir.clone(),
-                source: Box::new(source),
-            })?;
+        let (certs, agent) = match &args.certs {
+            Some(dir) => {
+                let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+                let pem = read_cert_dir(dir, &service)?;
+                let credentials = Credentials::new(&pem, &service, &names).map_err(|source| {
+                    ConfigError::Certs {
+                        dir: dir.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+                (CertSource::Files(Arc::new(credentials)), None)
+            }
+            None => (
+                CertSource::Agent,
+                Some(AgentConfig::resolve(&args.agent, env)?),
+            ),
+        };
 
         let config = Config {
             service,
-            credentials: Arc::new(credentials),
+            certs,
+            agent,
             inbound,
             upstreams,
             timeouts,

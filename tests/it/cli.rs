@@ -295,7 +295,12 @@ fn bad_flags_exit_64_and_name_the_flag() {
             vec!["-service is required"],
         ),
         (
-            "missing -certs",
+            "-proxy-id (registration mode not supported yet)",
+            owned(&["-proxy-id", "web-sidecar-proxy"]),
+            vec!["-proxy-id/-sidecar-for", "web-sidecar-proxy"],
+        ),
+        (
+            "unknown agent address scheme",
             owned(&[
                 "-service",
                 "web",
@@ -303,8 +308,10 @@ fn bad_flags_exit_64_and_name_the_flag() {
                 "127.0.0.1:0",
                 "-service-addr",
                 "127.0.0.1:9",
+                "-http-addr",
+                "ftp://127.0.0.1:8500",
             ]),
-            vec!["-certs is required", "ferry certs"],
+            vec!["ftp"],
         ),
         (
             "nothing to do",

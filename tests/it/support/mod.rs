@@ -35,6 +35,20 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// An empty environment: tests never read the process environment.
+pub const NO_ENV: [(&str, &str); 0] = [];
+
+/// Agent watch timing for tests: the fake agent answers blocking queries as
+/// soon as something changes, so only the rate limit and backoff are cut.
+pub fn fast_watch() -> ferry::watch::WatchPolicy {
+    ferry::watch::WatchPolicy {
+        wait: Duration::from_secs(30),
+        min_interval: Duration::from_millis(20),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    }
+}
+
 /// A dev CA and a directory laid out as `-certs` expects.
 pub struct Pki {
     pub ca: DevCa,
@@ -104,9 +118,11 @@ impl Ferry {
     pub async fn start(args: &[&str]) -> Ferry {
         let argv = std::iter::once("ferry").chain(args.iter().copied());
         let cli = ferry::cli::parse(argv).unwrap_or_else(|e| panic!("flags {args:?}: {e}"));
-        let (config, _warnings) =
-            ferry::Config::from_args(&cli.proxy).unwrap_or_else(|e| panic!("config {args:?}: {e}"));
-        let running = ferry::start(config).await.expect("start ferry");
+        let (config, _warnings) = ferry::Config::from_args(&cli.proxy, &NO_ENV)
+            .unwrap_or_else(|e| panic!("config {args:?}: {e}"));
+        let running = ferry::start(config, fast_watch())
+            .await
+            .expect("start ferry");
         Ferry { running }
     }
 
