@@ -25,6 +25,7 @@ use crate::consul::{AgentClient, AgentError};
 use crate::control;
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
+use crate::register::{self, Registration};
 use crate::tls::Credentials;
 use crate::watch::WatchPolicy;
 use crate::{inbound, upstream};
@@ -65,6 +66,10 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Publishes new credentials to every listener (rotation).
     credentials: Arc<watch::Sender<Arc<Credentials>>>,
+    /// Our registration with the agent (`-register`), removed at shutdown.
+    /// The heartbeat loop has its own token: it must stop before we
+    /// deregister, or it would see the check gone and register again.
+    registration: Option<(AgentClient, Registration, CancellationToken)>,
     /// Which upstreams need client configs; kept open so the credentials
     /// watcher keeps running (upstream changes will publish here).
     _upstream_names: watch::Sender<Vec<String>>,
@@ -153,6 +158,7 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
         balancers: BTreeMap::new(),
         metrics: metrics.clone(),
         credentials: creds_tx,
+        registration: None,
         _upstream_names: names_tx,
         stop: stop.clone(),
         kill: kill.clone(),
@@ -284,6 +290,15 @@ impl Running {
     /// closes the rest, then stops the control plane. Returns true if every
     /// connection finished on its own.
     pub async fn shutdown(self, grace: Duration) -> bool {
+        // Deregister first, so the catalog stops sending traffic our way
+        // while we drain.
+        if let Some((client, reg, beat)) = &self.registration {
+            beat.cancel();
+            match register::deregister(client, reg).await {
+                Ok(()) => tracing::info!(id = %reg.id, "deregistered from the agent"),
+                Err(e) => tracing::warn!(id = %reg.id, error = %e, "deregistration failed"),
+            }
+        }
         self.stop.cancel();
         self.conns.close();
         let clean = tokio::time::timeout(grace, self.conns.wait()).await.is_ok();

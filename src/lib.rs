@@ -40,6 +40,7 @@ pub mod identity;
 mod inbound;
 pub mod metrics;
 pub mod net;
+pub mod register;
 pub mod signal;
 pub mod splice;
 pub mod tls;

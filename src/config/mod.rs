@@ -25,6 +25,10 @@ pub enum ConfigError {
     RegistrationMode(String),
     #[error("{0}")]
     Agent(#[from] AgentConfigError),
+    #[error("-register needs -listen: the registration advertises the public listener")]
+    RegisterWithoutListen,
+    #[error("-register needs a Consul agent; it cannot be used with -certs")]
+    RegisterStandalone,
     #[error("nothing to do: give -listen with -service-addr for inbound traffic, and/or -upstream for outbound")]
     NothingToDo,
     #[error("-listen requires -service-addr (where to forward allowed inbound connections)")]
@@ -157,6 +161,8 @@ pub struct Config {
     pub certs: CertSource,
     /// How to reach the agent, when one is used.
     pub agent: Option<AgentConfig>,
+    /// `-register`: register with the agent, with this `-register-id` suffix.
+    pub register: Option<Option<String>>,
     /// The public listener, if any.
     pub inbound: Option<InboundConfig>,
     /// Upstream listeners.
@@ -325,10 +331,26 @@ impl Config {
             ),
         };
 
+        let register = if args.register {
+            if inbound.is_none() {
+                return Err(ConfigError::RegisterWithoutListen);
+            }
+            if agent.is_none() {
+                return Err(ConfigError::RegisterStandalone);
+            }
+            Some(args.register_id.clone())
+        } else {
+            if args.register_id.is_some() {
+                warnings.push("-register-id has no effect without -register".into());
+            }
+            None
+        };
+
         let config = Config {
             service,
             certs,
             agent,
+            register,
             inbound,
             upstreams,
             timeouts,

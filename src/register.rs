@@ -1,0 +1,219 @@
+//! `-register`: the proxy registers itself with the local agent, as
+//! `consul connect proxy -register` does (spec §4.7), keeps a TTL check
+//! passing, registers again if the agent lost the registration (agent
+//! restart without persistence, a manual deregister), and deregisters on
+//! shutdown — first, before draining, so no new traffic is sent its way.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::consul::{AgentClient, AgentError};
+
+/// The check's TTL, as Consul's proxy registers it.
+pub const TTL: Duration = Duration::from_secs(30);
+/// Heartbeat interval: TTL/3, so two heartbeats can be lost before the check
+/// turns critical.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// What is registered.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// `<service>-proxy[-<register-id>]`.
+    pub id: String,
+    /// `<service>-proxy`.
+    pub name: String,
+    /// The service this proxy fronts.
+    pub destination: String,
+    /// The public listener as bound. An any-address is registered as empty
+    /// (the agent rejects 0.0.0.0 and ::), meaning "the node's address".
+    pub listen: SocketAddr,
+}
+
+impl Registration {
+    /// Consul's ID and name scheme for `service` with an optional suffix.
+    pub fn new(service: &str, register_id: Option<&str>, listen: SocketAddr) -> Registration {
+        let name = format!("{service}-proxy");
+        let id = match register_id.filter(|s| !s.is_empty()) {
+            Some(suffix) => format!("{name}-{suffix}"),
+            None => name.clone(),
+        };
+        Registration {
+            id,
+            name,
+            destination: service.to_string(),
+            listen,
+        }
+    }
+
+    /// The TTL check's ID.
+    pub fn check_id(&self) -> String {
+        format!("{}-ttl", self.id)
+    }
+
+    fn body(&self) -> RegisterBody<'_> {
+        let ip = self.listen.ip();
+        RegisterBody {
+            kind: "connect-proxy",
+            id: &self.id,
+            name: &self.name,
+            address: if ip.is_unspecified() {
+                None
+            } else {
+                Some(ip.to_string())
+            },
+            port: self.listen.port(),
+            proxy: ProxyBody {
+                destination_service_name: &self.destination,
+            },
+            check: CheckBody {
+                check_id: self.check_id(),
+                name: "proxy heartbeat",
+                ttl: format!("{}s", TTL.as_secs()),
+                notes: "ferry will heartbeat this check.",
+                status: "passing",
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RegisterBody<'a> {
+    kind: &'static str,
+    #[serde(rename = "ID")]
+    id: &'a str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    port: u16,
+    proxy: ProxyBody<'a>,
+    check: CheckBody<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ProxyBody<'a> {
+    destination_service_name: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckBody<'a> {
+    #[serde(rename = "CheckID")]
+    check_id: String,
+    name: &'static str,
+    #[serde(rename = "TTL")]
+    ttl: String,
+    notes: &'a str,
+    status: &'static str,
+}
+
+/// Registers once (replacing existing checks, so a restart is idempotent).
+pub async fn register(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
+    client
+        .put(
+            "register",
+            "/v1/agent/service/register",
+            &[("replace-existing-checks", "true".to_string())],
+            Some(&reg.body()),
+        )
+        .await
+}
+
+/// Heartbeats until `cancel`, registering again whenever the agent does not
+/// know the check any more. Logs once per change of state.
+pub async fn keep(
+    client: AgentClient,
+    reg: Registration,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let path = format!("/v1/agent/check/pass/{}", reg.check_id());
+    let mut failing: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let beat = client
+            .put::<()>(
+                "heartbeat",
+                &path,
+                &[("note", "ferry is serving".to_string())],
+                None,
+            )
+            .await;
+        let result = match beat {
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(id = %reg.id, "the agent lost our registration; registering again");
+                register(&client, &reg).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!(id = %reg.id, "heartbeat succeeding again");
+                }
+            }
+            Err(e) => {
+                if failing.as_deref() != Some(e.kind().as_str()) {
+                    tracing::warn!(id = %reg.id, error = %e, "heartbeat failing; will keep trying");
+                    failing = Some(e.kind());
+                }
+            }
+        }
+    }
+}
+
+/// Deregisters: up to three attempts, 500 ms apart, as Consul's proxy does.
+pub async fn deregister(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
+    let path = format!("/v1/agent/service/deregister/{}", reg.id);
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        match client.put::<()>("deregister", &path, &[], None).await {
+            Ok(()) => return Ok(()),
+            // Already gone is what we wanted.
+            Err(e) if e.status() == Some(404) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| AgentError::Setup("deregister: no attempt made".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_follows_consuls_scheme() {
+        let r = Registration::new("web", Some("a1"), "0.0.0.0:21000".parse().unwrap());
+        assert_eq!(
+            (r.id.as_str(), r.name.as_str()),
+            ("web-proxy-a1", "web-proxy")
+        );
+        let body = serde_json::to_value(r.body()).unwrap();
+        assert_eq!(body["Kind"], "connect-proxy");
+        assert!(
+            body.get("Address").is_none(),
+            "never register an any-address"
+        );
+        assert_eq!(body["Port"], 21000);
+        assert_eq!(body["Proxy"]["DestinationServiceName"], "web");
+        assert_eq!(body["Check"]["CheckID"], "web-proxy-a1-ttl");
+        assert_eq!(body["Check"]["TTL"], "30s");
+
+        let r = Registration::new("web", None, "10.1.2.3:21000".parse().unwrap());
+        assert_eq!(r.id, "web-proxy");
+        assert_eq!(
+            serde_json::to_value(r.body()).unwrap()["Address"],
+            "10.1.2.3"
+        );
+    }
+}
