@@ -26,6 +26,7 @@ use crate::control;
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::register::{self, Registration};
+use crate::revoke::{self, LiveConns, Revoker};
 use crate::tls::Credentials;
 use crate::watch::WatchPolicy;
 use crate::{inbound, upstream};
@@ -170,15 +171,35 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
 
     if let (Some(listener), Some(i)) = (inbound_listener, &config.inbound) {
         let addr = listener.local_addr().unwrap_or(i.listen);
-        let authz = match (&i.authz, &client) {
-            (AuthzSource::Static(set), _) => Authorizer::Static(set.clone()),
-            (AuthzSource::Agent { fallback_window }, Some(client)) => {
-                Authorizer::Agent(AgentAuthorizer::new(
+        let (authz, live) = match (&i.authz, &client) {
+            (AuthzSource::Static(set), _) => (Authorizer::Static(set.clone()), None),
+            (
+                AuthzSource::Agent {
+                    fallback_window,
+                    recheck_every,
+                },
+                Some(client),
+            ) => {
+                let live = Arc::new(LiveConns::default());
+                control.spawn(revoke::run(
+                    Revoker {
+                        client: client.clone(),
+                        target: config.service.clone(),
+                        live: live.clone(),
+                        every: *recheck_every,
+                        timeout: AUTHORIZE_TIMEOUT,
+                        policy: watch_policy,
+                        metrics: metrics.clone(),
+                    },
+                    halt.clone(),
+                ));
+                let authz = AgentAuthorizer::new(
                     client.clone(),
                     config.service.clone(),
                     AUTHORIZE_TIMEOUT,
                     *fallback_window,
-                ))
+                );
+                (Authorizer::Agent(authz), Some(live))
             }
             (AuthzSource::Agent { .. }, None) => return Err(StartError::NoAgent),
         };
@@ -190,6 +211,7 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
             timeouts: config.timeouts,
             idle_timeout: config.idle_timeout,
             metrics: metrics.clone(),
+            live,
         });
         tracing::info!(identity = %me, listen = %addr, service_addr = %i.service_addr, "inbound listener ready");
         conns.spawn(inbound::serve(

@@ -205,6 +205,12 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     pub authz_fallback_window: GoDuration,
 
+    /// With a Consul agent whose ACL token cannot read intentions: how often
+    /// live connections are re-authorized, so that a revoked intention
+    /// closes them. (When it can, changes are watched and acted on at once.)
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub reauthorize_interval: GoDuration,
+
     /// On SIGINT/SIGTERM, how long open connections may finish before they
     /// are closed. Default 4s: just under Nomad's default 5s kill_timeout, so
     /// the drain ends before Nomad escalates to SIGKILL.

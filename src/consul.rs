@@ -453,6 +453,22 @@ impl AgentClient {
         self.get_json("query", &path, &q, None).await
     }
 
+    /// Intentions whose destination is `service` (blocking). Only compared
+    /// for change, so kept as raw JSON.
+    pub async fn intention_match(
+        &self,
+        service: &str,
+        b: Blocking,
+    ) -> Result<Reply<serde_json::Value>, AgentError> {
+        let q = [
+            ("by", "destination".to_string()),
+            ("name", service.to_string()),
+        ];
+        let blocking = (!b.wait.is_zero()).then_some(b);
+        self.get_json("intentions", "/v1/connect/intentions/match", &q, blocking)
+            .await
+    }
+
     /// A PUT with an optional JSON body and query, for registration calls.
     pub async fn put<B: Serialize>(
         &self,

@@ -24,6 +24,7 @@ use crate::conn::{Direction, Outcome, Report};
 use crate::identity::peer_identity;
 use crate::metrics::Metrics;
 use crate::net::{self, Phase};
+use crate::revoke::LiveConns;
 use crate::splice::splice;
 use crate::tls::Credentials;
 
@@ -37,6 +38,8 @@ pub(crate) struct Inbound {
     pub timeouts: Timeouts,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
+    /// Live connections, when decisions can change under them (agent mode).
+    pub live: Option<Arc<LiveConns>>,
 }
 
 /// Accepts until `stop` fires; each connection runs on `tracker` and ends
@@ -138,9 +141,17 @@ async fn handle(
         }
     };
 
-    let done = splice(&mut tls, &mut app, ctx.idle_timeout, kill).await;
+    let live = ctx
+        .live
+        .as_ref()
+        .map(|l| l.register(identity, kill.child_token()));
+    let cancel = live.as_ref().map_or(kill, |l| &l.close);
+    let done = splice(&mut tls, &mut app, ctx.idle_timeout, cancel).await;
     ctx.metrics.inbound_bytes_in.add(done.a_to_b);
     ctx.metrics.inbound_bytes_out.add(done.b_to_a);
     report.spliced(done, "peer", "local app");
+    if let Some(why) = live.as_ref().and_then(|l| l.revoked()) {
+        report.detail = why.to_string();
+    }
     report
 }

@@ -41,6 +41,7 @@ mod inbound;
 pub mod metrics;
 pub mod net;
 pub mod register;
+pub mod revoke;
 pub mod signal;
 pub mod splice;
 pub mod tls;

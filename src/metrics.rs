@@ -44,6 +44,8 @@ pub struct Metrics {
     pub authz_denied: Counter,
     /// Inbound connections refused because no decision could be made.
     pub authz_error: Counter,
+    /// Live inbound connections closed because an intention now denies them.
+    pub revoked: Counter,
     /// Inbound connections whose local application could not be reached.
     pub local_connect_failed: Counter,
     /// Bytes from mesh peers to the local application.

@@ -117,7 +117,12 @@ pub enum AuthzSource {
     Static(Intentions),
     /// The agent's authorize API; while the agent is unreachable, a decision
     /// for the same source made within `fallback_window` is reused.
-    Agent { fallback_window: Duration },
+    Agent {
+        fallback_window: Duration,
+        /// Re-check interval for live connections when the token cannot
+        /// watch intentions.
+        recheck_every: Duration,
+    },
 }
 
 /// How an upstream's instances are found.
@@ -213,6 +218,10 @@ impl Config {
                     }
                     AuthzSource::Agent {
                         fallback_window: args.authz_fallback_window.0,
+                        recheck_every: nonzero_duration(
+                            "-reauthorize-interval",
+                            args.reauthorize_interval.0,
+                        )?,
                     }
                 };
                 Some(InboundConfig {
@@ -293,16 +302,7 @@ impl Config {
                 why: "must be at least 1".into(),
             });
         }
-        let nonzero = |flag: &'static str, d: Duration| {
-            if d.is_zero() {
-                Err(ConfigError::BadValue {
-                    flag,
-                    why: "must be greater than 0".into(),
-                })
-            } else {
-                Ok(d)
-            }
-        };
+        let nonzero = nonzero_duration;
         let timeouts = Timeouts {
             handshake: nonzero("-handshake-timeout", args.handshake_timeout.0)?,
             local_connect: nonzero("-local-connect-timeout", args.local_connect_timeout.0)?,
@@ -362,6 +362,17 @@ impl Config {
             idle_timeout: Some(args.idle_timeout.0).filter(|d| !d.is_zero()),
         };
         Ok((config, warnings))
+    }
+}
+
+fn nonzero_duration(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::BadValue {
+            flag,
+            why: "must be greater than 0".into(),
+        })
+    } else {
+        Ok(d)
     }
 }
 

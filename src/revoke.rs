@@ -1,0 +1,219 @@
+//! Closing live connections that intentions no longer allow.
+//!
+//! Consul's built-in proxy never re-checks an established connection, and
+//! Envoy drops all of them when its RBAC config changes. ferry re-asks the
+//! agent about each distinct source of the live inbound connections whenever
+//! intentions may have changed, and closes exactly the ones now denied.
+//!
+//! "May have changed" comes from a blocking query on the intention-match
+//! endpoint for our service; if the ACL token may not read intentions (403),
+//! ferry falls back to re-checking on a fixed interval.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::consul::{AgentClient, Blocking};
+use crate::identity::PeerIdentity;
+use crate::metrics::Metrics;
+use crate::watch::{watch, WatchPolicy};
+
+/// The authorized inbound connections that are open now.
+#[derive(Default)]
+pub struct LiveConns {
+    next: AtomicU64,
+    /// Per connection: the peer and the token that closes it. std lock:
+    /// held only to insert, remove or snapshot.
+    conns: Mutex<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    peer: PeerIdentity,
+    close: CancellationToken,
+    why: Arc<OnceLock<String>>,
+}
+
+/// Keeps a connection in [`LiveConns`] while it lives.
+pub struct Registered {
+    live: Arc<LiveConns>,
+    id: u64,
+    /// Fires when the connection must close because it was revoked.
+    pub close: CancellationToken,
+    why: Arc<OnceLock<String>>,
+}
+
+impl Registered {
+    /// Why the connection was revoked, if it was.
+    pub fn revoked(&self) -> Option<&str> {
+        self.why.get().map(String::as_str)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl LiveConns {
+    /// Records a connection from `peer`; `close` is the token its splice
+    /// watches (a child of the proxy's kill token).
+    pub fn register(self: &Arc<Self>, peer: PeerIdentity, close: CancellationToken) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let why = Arc::new(OnceLock::new());
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Entry {
+                peer,
+                close: close.clone(),
+                why: why.clone(),
+            },
+        );
+        Registered {
+            live: self.clone(),
+            id,
+            close,
+            why,
+        }
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn sources(&self) -> Vec<PeerIdentity> {
+        let map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashSet::new();
+        map.values()
+            .filter(|e| seen.insert(e.peer.id.to_string()))
+            .map(|e| e.peer.clone())
+            .collect()
+    }
+
+    /// Closes every connection from `uri`; returns how many.
+    fn close_from(&self, uri: &str, reason: &str) -> usize {
+        let map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for e in map.values().filter(|e| e.peer.id.to_string() == uri) {
+            let _ = e.why.set(format!("intention revoked: {reason}"));
+            e.close.cancel();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Re-authorizes every distinct live source with the agent and closes the
+/// connections of those now denied. An agent error leaves connections open:
+/// without an answer there is nothing to act on (new connections still fail
+/// closed).
+pub async fn recheck(
+    client: &AgentClient,
+    target: &str,
+    live: &LiveConns,
+    timeout: Duration,
+    metrics: &Metrics,
+) {
+    for peer in live.sources() {
+        let uri = peer.id.to_string();
+        match client.authorize(target, &uri, &peer.serial, timeout).await {
+            Ok(a) if !a.authorized => {
+                let n = live.close_from(&uri, &a.reason);
+                metrics.revoked.add(n as u64);
+                tracing::warn!(source = %uri, connections = n, reason = %a.reason, "intention now denies this source; closing its connections");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(source = %uri, error = %e, "re-authorization failed; leaving its connections open")
+            }
+        }
+    }
+}
+
+/// What the revocation watcher needs.
+pub struct Revoker {
+    pub client: AgentClient,
+    /// Our service: the destination of the intentions.
+    pub target: String,
+    pub live: Arc<LiveConns>,
+    /// Re-check interval when intentions cannot be watched.
+    pub every: Duration,
+    /// Bound on each authorize call.
+    pub timeout: Duration,
+    pub policy: WatchPolicy,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Watches for intention changes and re-checks live connections on each.
+pub async fn run(r: Revoker, cancel: CancellationToken) {
+    let Revoker {
+        client,
+        target,
+        live,
+        every,
+        timeout,
+        policy,
+        metrics,
+    } = r;
+    let probe = client
+        .intention_match(
+            &target,
+            Blocking {
+                index: 0,
+                wait: Duration::ZERO,
+            },
+        )
+        .await;
+    if let Err(e) = &probe {
+        if e.status() == Some(403) {
+            tracing::info!(every = ?every, "the ACL token cannot read intentions; re-checking live connections periodically instead");
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                recheck(&client, &target, &live, timeout, &metrics).await;
+            }
+        }
+    }
+    let mut last = probe.ok().map(|r| r.value);
+    watch(
+        "intentions",
+        policy,
+        &cancel,
+        |b| client.intention_match(&target, b),
+        |v| {
+            if last.as_ref() != Some(&v) {
+                let first = last.is_none();
+                last = Some(v);
+                if !first {
+                    let (client, target, live, metrics) = (
+                        client.clone(),
+                        target.clone(),
+                        live.clone(),
+                        metrics.clone(),
+                    );
+                    // Re-check off the watch loop, so a slow agent answer
+                    // does not delay noticing the next change.
+                    tokio::spawn(async move {
+                        recheck(&client, &target, &live, timeout, &metrics).await
+                    });
+                }
+            }
+        },
+    )
+    .await;
+}
