@@ -71,9 +71,6 @@ pub struct Running {
     /// The heartbeat loop has its own token: it must stop before we
     /// deregister, or it would see the check gone and register again.
     registration: Option<(AgentClient, Registration, CancellationToken)>,
-    /// Which upstreams need client configs; kept open so the credentials
-    /// watcher keeps running (upstream changes will publish here).
-    _upstream_names: watch::Sender<Vec<String>>,
     stop: CancellationToken,
     kill: CancellationToken,
     halt: CancellationToken,
@@ -96,10 +93,8 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
         Some(a) => Some(AgentClient::new(a)?),
         None => None,
     };
-    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
 
     // Certificates first: nothing is bound before we can do mTLS.
-    let (names_tx, names_rx) = watch::channel(names);
     let (first, from_agent) = match (&config.certs, &client) {
         (CertSource::Files(c), _) => (c.clone(), None),
         (CertSource::Agent, None) => return Err(StartError::NoAgent),
@@ -108,7 +103,6 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
             control.spawn(control::credentials(
                 client.clone(),
                 config.service.clone(),
-                names_rx,
                 tx,
                 watch_policy,
                 halt.clone(),
@@ -160,7 +154,6 @@ pub async fn start(config: Config, watch_policy: WatchPolicy) -> Result<Running,
         metrics: metrics.clone(),
         credentials: creds_tx,
         registration: None,
-        _upstream_names: names_tx,
         stop: stop.clone(),
         kill: kill.clone(),
         halt: halt.clone(),

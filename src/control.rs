@@ -32,11 +32,10 @@ enum Delivery {
 }
 
 /// Watches roots and the leaf for `service` and publishes each new valid
-/// [`Credentials`] (built with client configs for `upstreams`) on `tx`.
+/// [`Credentials`] on `tx`.
 pub async fn credentials(
     client: AgentClient,
     service: String,
-    upstreams: watch::Receiver<Vec<String>>,
     tx: watch::Sender<Option<Arc<Credentials>>>,
     policy: WatchPolicy,
     cancel: CancellationToken,
@@ -75,24 +74,19 @@ pub async fn credentials(
     };
     drop(dtx);
     let combine = async move {
-        let mut upstreams = upstreams;
         let mut roots: Option<CaRoots> = None;
         let mut leaf: Option<IssuedCert> = None;
         loop {
-            tokio::select! {
-                d = drx.recv() => match d {
-                    Some(Delivery::Roots(r)) if roots.as_ref() != Some(&r) => roots = Some(r),
-                    Some(Delivery::Leaf(l)) if leaf.as_ref() != Some(&l) => leaf = Some(l),
-                    Some(_) => continue, // unchanged
-                    None => return,
-                },
-                changed = upstreams.changed() => if changed.is_err() { return },
+            match drx.recv().await {
+                Some(Delivery::Roots(r)) if roots.as_ref() != Some(&r) => roots = Some(r),
+                Some(Delivery::Leaf(l)) if leaf.as_ref() != Some(&l) => leaf = Some(l),
+                Some(_) => continue, // unchanged
+                None => return,
             }
             let (Some(r), Some(l)) = (&roots, &leaf) else {
                 continue;
             };
-            let names = upstreams.borrow().clone();
-            match build(r, l, &service, &names) {
+            match build(r, l, &service) {
                 Ok(c) => {
                     tracing::info!(identity = %c.identity.id, serial = %c.identity.serial, roots = c.root_count(), "certificates loaded");
                     tx.send_replace(Some(Arc::new(c)));
@@ -106,12 +100,7 @@ pub async fn credentials(
     tokio::join!(roots_task, leaf_task, combine);
 }
 
-fn build(
-    roots: &CaRoots,
-    leaf: &IssuedCert,
-    service: &str,
-    upstreams: &[String],
-) -> Result<Credentials, String> {
+fn build(roots: &CaRoots, leaf: &IssuedCert, service: &str) -> Result<Credentials, String> {
     if roots.roots.is_empty() {
         return Err("the agent returned no CA roots (is the Connect CA bootstrapped?)".into());
     }
@@ -138,7 +127,7 @@ fn build(
             "agent leaf key".into(),
         ],
     };
-    Credentials::new(&bundle, service, upstreams).map_err(|e| e.to_string())
+    Credentials::new(&bundle, service).map_err(|e| e.to_string())
 }
 
 /// How instances of one upstream are found.

@@ -18,7 +18,7 @@
 //! it; connections already established keep the config they started with.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
@@ -104,8 +104,12 @@ pub struct Credentials {
     /// End of the leaf's validity, seconds since the Unix epoch.
     pub leaf_not_after: i64,
     roots: Arc<RootCertStore>,
+    certified: Arc<CertifiedKey>,
+    provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
-    clients: HashMap<String, Arc<ClientConfig>>,
+    /// One client config per upstream service, built on first use and kept
+    /// (it holds that upstream's TLS session cache). std lock: a lookup.
+    clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -127,13 +131,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 impl Credentials {
     /// Parses and validates `pem` for `service`: the leaf must chain to the
     /// roots, be valid now, match its key, and name `service` in the roots'
-    /// trust domain. Builds the server config and one client config per
-    /// upstream service name in `upstreams`.
-    pub fn new(
-        pem: &PemBundle,
-        service: &str,
-        upstreams: &[String],
-    ) -> Result<Credentials, TlsError> {
+    /// trust domain. Builds the server config; client configs are built per
+    /// upstream on first use.
+    pub fn new(pem: &PemBundle, service: &str) -> Result<Credentials, TlsError> {
         let provider = provider();
         let [roots_what, chain_what, key_what] = &pem.origin;
         let root_ders = parse_certs(&pem.roots, roots_what)?;
@@ -197,23 +197,14 @@ impl Credentials {
 
         let trust_domain = identity.id.trust_domain.clone();
         let server = server_config(&provider, &roots, &certified, &trust_domain)?;
-        let mut clients = HashMap::new();
-        for name in upstreams {
-            let expected = SpiffeId {
-                service: name.clone(),
-                ..identity.id.clone()
-            };
-            clients.insert(
-                name.clone(),
-                client_config(&provider, &roots, &certified, expected)?,
-            );
-        }
         Ok(Credentials {
             identity,
             leaf_not_after,
             roots,
+            certified,
+            provider,
             server,
-            clients,
+            clients: Mutex::new(HashMap::new()),
         })
     }
 
@@ -233,9 +224,19 @@ impl Credentials {
     }
 
     /// The config for dialing instances of `upstream`, which verifies that
-    /// the server is that service. `None` if `upstream` was not declared.
-    pub fn client_config(&self, upstream: &str) -> Option<Arc<ClientConfig>> {
-        self.clients.get(upstream).cloned()
+    /// the server is that service in our trust domain.
+    pub fn client_config(&self, upstream: &str) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(upstream) {
+            return Ok(c.clone());
+        }
+        let expected = SpiffeId {
+            service: upstream.to_string(),
+            ..self.identity.id.clone()
+        };
+        let config = client_config(&self.provider, &self.roots, &self.certified, expected)?;
+        clients.insert(upstream.to_string(), config.clone());
+        Ok(config)
     }
 }
 

@@ -76,9 +76,12 @@ async fn handle(
     );
     report.phase = Phase::Pick;
     net::tune(&local);
-    let Some(config) = credentials.client_config(&ctx.name) else {
-        report.fail(Phase::Pick, "no TLS client configuration for this upstream");
-        return report;
+    let config = match credentials.client_config(&ctx.name) {
+        Ok(c) => c,
+        Err(e) => {
+            report.fail(Phase::Pick, e);
+            return report;
+        }
     };
     let connector = TlsConnector::from(config);
     let candidates = ctx.balancer.candidates(ctx.attempts as usize);

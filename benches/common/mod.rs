@@ -58,19 +58,15 @@ pub fn mesh() -> Mesh {
     let api_leaf = ca
         .leaf(SERVER_SERVICE, DATACENTER, LEAF_TTL)
         .expect("issue the api leaf");
-    let web = Credentials::new(
-        &bundle(&ca, &web_leaf, CLIENT_SERVICE),
-        CLIENT_SERVICE,
-        &[SERVER_SERVICE.to_string()],
-    )
-    .expect("web credentials");
-    let api = Credentials::new(&bundle(&ca, &api_leaf, SERVER_SERVICE), SERVER_SERVICE, &[])
+    let web = Credentials::new(&bundle(&ca, &web_leaf, CLIENT_SERVICE), CLIENT_SERVICE)
+        .expect("web credentials");
+    let api = Credentials::new(&bundle(&ca, &api_leaf, SERVER_SERVICE), SERVER_SERVICE)
         .expect("api credentials");
     let sni = SpiffeId::service(TRUST_DOMAIN, DATACENTER, SERVER_SERVICE).sni();
     Mesh {
         client: web
             .client_config(SERVER_SERVICE)
-            .expect("web declares api as an upstream"),
+            .expect("a client config for api"),
         server: api.server_config(),
         server_name: ServerName::try_from(sni).expect("Consul's SNI is a DNS name"),
     }

@@ -315,14 +315,12 @@ impl Config {
 
         let (certs, agent) = match &args.certs {
             Some(dir) => {
-                let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
                 let pem = read_cert_dir(dir, &service)?;
-                let credentials = Credentials::new(&pem, &service, &names).map_err(|source| {
-                    ConfigError::Certs {
+                let credentials =
+                    Credentials::new(&pem, &service).map_err(|source| ConfigError::Certs {
                         dir: dir.clone(),
                         source: Box::new(source),
-                    }
-                })?;
+                    })?;
                 (CertSource::Files(Arc::new(credentials)), None)
             }
             None => (

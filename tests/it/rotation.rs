@@ -30,7 +30,7 @@ fn first_cert(pem: &str) -> CertificateDer<'static> {
 /// opened before keeps echoing; the next one sees the new leaf.
 #[tokio::test]
 async fn rotating_roots_and_leaf_keeps_live_connections() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::start("web", "api").await;
     let td = mesh.pki.trust_domain().to_string();
 
     let mut live = TcpStream::connect(mesh.entry("api")).await.unwrap();
@@ -49,9 +49,8 @@ async fn rotating_roots_and_leaf_keeps_live_connections() {
         .unwrap();
     let old_web = mesh.pki.leaf("web");
     let server_creds =
-        Credentials::new(&bundle(&roots, &new_api), "api", &[]).expect("new api credentials");
-    let client_creds = Credentials::new(&bundle(&roots, &old_web), "web", &["api".into()])
-        .expect("web credentials");
+        Credentials::new(&bundle(&roots, &new_api), "api").expect("new api credentials");
+    let client_creds = Credentials::new(&bundle(&roots, &old_web), "web").expect("web credentials");
     mesh.client.running.rotate(Arc::new(client_creds));
     mesh.server.running.rotate(Arc::new(server_creds));
 
@@ -89,11 +88,11 @@ async fn invalid_credentials_are_refused() {
     let stranger = other
         .leaf("api", "dc1", std::time::Duration::from_secs(60))
         .unwrap();
-    let err = Credentials::new(&bundle(pki.ca.cert_pem(), &stranger), "api", &[]).unwrap_err();
+    let err = Credentials::new(&bundle(pki.ca.cert_pem(), &stranger), "api").unwrap_err();
     assert!(err.to_string().contains("does not chain"), "{err}");
 
     let web = pki.leaf("web");
-    let err = Credentials::new(&bundle(pki.ca.cert_pem(), &web), "api", &[]).unwrap_err();
+    let err = Credentials::new(&bundle(pki.ca.cert_pem(), &web), "api").unwrap_err();
     assert!(
         err.to_string().contains("\"web\""),
         "names the service found: {err}"
