@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod net;
 pub mod register;
 pub mod revoke;
+pub mod sidecar;
 pub mod signal;
 pub mod splice;
 pub mod tls;

@@ -21,8 +21,8 @@ use agent::{AgentConfig, AgentConfigError, Env, ProxyIdentity};
 pub enum ConfigError {
     #[error("-service is required: the name of the service this proxy represents")]
     MissingService,
-    #[error("-proxy-id/-sidecar-for {0}: taking the whole configuration from the agent's registration is not supported yet; use -service with -listen/-service-addr/-upstream")]
-    RegistrationMode(String),
+    #[error("-proxy-id/-sidecar-for take the configuration from a Consul agent; they cannot be used with -certs")]
+    RegistrationStandalone,
     #[error("{0}")]
     Agent(#[from] AgentConfigError),
     #[error("-register needs -listen: the registration advertises the public listener")]
@@ -137,7 +137,7 @@ pub enum Discovery {
 }
 
 /// One upstream listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// Destination service (or prepared query) name; instances must present
     /// this service's identity.
@@ -146,6 +146,9 @@ pub struct UpstreamConfig {
     pub bind: SocketAddr,
     /// Where instances come from.
     pub discovery: Discovery,
+    /// This upstream's own bound on finding a working instance (a
+    /// registration's `connect_timeout_ms`); `None`: the global one.
+    pub deadline: Option<Duration>,
 }
 
 /// Where our certificates come from.
@@ -168,6 +171,13 @@ pub struct Config {
     pub agent: Option<AgentConfig>,
     /// `-register`: register with the agent, with this `-register-id` suffix.
     pub register: Option<Option<String>>,
+    /// Registration mode (`-proxy-id`/`-sidecar-for`): the service, public
+    /// listener and upstreams come from this registration at startup.
+    pub sidecar: Option<ProxyIdentity>,
+    /// `-authz-fallback-window`, kept for listeners a registration defines.
+    pub authz_fallback_window: Duration,
+    /// `-reauthorize-interval`, likewise.
+    pub reauthorize_interval: Duration,
     /// The public listener, if any.
     pub inbound: Option<InboundConfig>,
     /// Upstream listeners.
@@ -192,11 +202,73 @@ impl Config {
     ) -> Result<(Config, Vec<String>), ConfigError> {
         let mut warnings = Vec::new();
         let standalone = args.certs.is_some();
-        match ProxyIdentity::resolve(args, env) {
-            ProxyIdentity::None => {}
-            ProxyIdentity::ProxyId(id) | ProxyIdentity::SidecarFor(id) => {
-                return Err(ConfigError::RegistrationMode(id));
+        if args.upstream_attempts == 0 {
+            return Err(ConfigError::BadValue {
+                flag: "-upstream-attempts",
+                why: "must be at least 1".into(),
+            });
+        }
+        let timeouts = Timeouts {
+            handshake: nonzero_duration("-handshake-timeout", args.handshake_timeout.0)?,
+            local_connect: nonzero_duration(
+                "-local-connect-timeout",
+                args.local_connect_timeout.0,
+            )?,
+            upstream_connect: nonzero_duration(
+                "-upstream-connect-timeout",
+                args.upstream_connect_timeout.0,
+            )?,
+            upstream_deadline: nonzero_duration("-upstream-deadline", args.upstream_deadline.0)?,
+        };
+
+        let ejection = EjectionPolicy {
+            after_failures: args.eject_after,
+            duration: args.eject_for.0,
+        };
+        let idle_timeout = Some(args.idle_timeout.0).filter(|d| !d.is_zero());
+        let authz_fallback_window = args.authz_fallback_window.0;
+        let reauthorize_interval =
+            nonzero_duration("-reauthorize-interval", args.reauthorize_interval.0)?;
+
+        let identity = ProxyIdentity::resolve(args, env);
+        if identity != ProxyIdentity::None {
+            if standalone {
+                return Err(ConfigError::RegistrationStandalone);
             }
+            let ignored: Vec<&str> = [
+                ("-service", args.service.is_some()),
+                ("-listen", args.listen.is_some()),
+                ("-service-addr", args.service_addr.is_some()),
+                ("-upstream", !args.upstream.is_empty()),
+                ("-upstream-addr", !args.upstream_addr.is_empty()),
+                ("-register", args.register),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(f, _)| *f)
+            .collect();
+            if !ignored.is_empty() {
+                warnings.push(format!(
+                    "{} ignored: with -proxy-id/-sidecar-for the proxy registration decides",
+                    ignored.join(", ")
+                ));
+            }
+            let config = Config {
+                service: String::new(),
+                certs: CertSource::Agent,
+                agent: Some(AgentConfig::resolve(&args.agent, env)?),
+                register: None,
+                sidecar: Some(identity),
+                authz_fallback_window,
+                reauthorize_interval,
+                inbound: None,
+                upstreams: Vec::new(),
+                timeouts,
+                upstream_attempts: args.upstream_attempts,
+                ejection,
+                idle_timeout,
+            };
+            return Ok((config, warnings));
         }
         let service = args
             .service
@@ -291,28 +363,12 @@ impl Config {
                 name,
                 bind,
                 discovery,
+                deadline: None,
             });
         }
         if inbound.is_none() && upstreams.is_empty() {
             return Err(ConfigError::NothingToDo);
         }
-        if args.upstream_attempts == 0 {
-            return Err(ConfigError::BadValue {
-                flag: "-upstream-attempts",
-                why: "must be at least 1".into(),
-            });
-        }
-        let nonzero = nonzero_duration;
-        let timeouts = Timeouts {
-            handshake: nonzero("-handshake-timeout", args.handshake_timeout.0)?,
-            local_connect: nonzero("-local-connect-timeout", args.local_connect_timeout.0)?,
-            upstream_connect: nonzero(
-                "-upstream-connect-timeout",
-                args.upstream_connect_timeout.0,
-            )?,
-            upstream_deadline: nonzero("-upstream-deadline", args.upstream_deadline.0)?,
-        };
-
         let (certs, agent) = match &args.certs {
             Some(dir) => {
                 let pem = read_cert_dir(dir, &service)?;
@@ -349,15 +405,15 @@ impl Config {
             certs,
             agent,
             register,
+            sidecar: None,
+            authz_fallback_window,
+            reauthorize_interval,
             inbound,
             upstreams,
             timeouts,
             upstream_attempts: args.upstream_attempts,
-            ejection: EjectionPolicy {
-                after_failures: args.eject_after,
-                duration: args.eject_for.0,
-            },
-            idle_timeout: Some(args.idle_timeout.0).filter(|d| !d.is_zero()),
+            ejection,
+            idle_timeout,
         };
         Ok((config, warnings))
     }

@@ -102,10 +102,11 @@ async fn ejects_a_failing_instance_and_takes_it_back() {
         &["-eject-after", "2", "-eject-for", "1s"],
     )
     .await;
-    let balancer = ferry.running.balancers["api"].clone();
     let flaky_state = || {
-        balancer
-            .states()
+        ferry
+            .running
+            .instances("api")
+            .expect("api upstream")
             .into_iter()
             .find(|s| s.addr == flaky)
             .expect("flaky is known")

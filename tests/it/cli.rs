@@ -295,9 +295,9 @@ fn bad_flags_exit_64_and_name_the_flag() {
             vec!["-service is required"],
         ),
         (
-            "-proxy-id (registration mode not supported yet)",
-            owned(&["-proxy-id", "web-sidecar-proxy"]),
-            vec!["-proxy-id/-sidecar-for", "web-sidecar-proxy"],
+            "-proxy-id with -certs",
+            owned(&["-proxy-id", "web-sidecar-proxy", "-certs", &dir]),
+            vec!["-proxy-id/-sidecar-for", "-certs"],
         ),
         (
             "unknown agent address scheme",

@@ -572,7 +572,7 @@ async fn upstream_retries_past_an_impostor_to_a_genuine_instance() {
         impostor.counts.accepted() >= 1,
         "ferry did dial the impostor"
     );
-    let states = &fx.ferry.running.balancers["api"].states();
+    let states = &fx.ferry.running.instances("api").expect("api upstream");
     let state = |addr| states.iter().find(|s| s.addr == addr).expect("instance");
     assert!(state(impostor.addr).consecutive_failures >= 1);
     assert_eq!(state(genuine.addr).consecutive_failures, 0);
