@@ -84,15 +84,16 @@ impl AgentError {
         };
         let rest = body.split("lacks permission '").nth(1)?;
         let (perm, tail) = rest.split_once('\'')?;
+        // `on "web"`, possibly followed by more prose (Consul explains the
+        // anonymous token after it): keep the quoted resource only.
         let on = tail
             .trim_start()
-            .strip_prefix("on ")
-            .map(str::trim)
-            .unwrap_or("");
-        Some(if on.is_empty() {
-            perm.to_string()
-        } else {
-            format!("{perm} on {on}")
+            .strip_prefix("on \"")
+            .and_then(|r| r.split_once('"'))
+            .map(|(res, _)| res);
+        Some(match on {
+            Some(res) => format!("{perm} on \"{res}\""),
+            None => perm.to_string(),
         })
     }
 }
@@ -770,6 +771,15 @@ mod tests {
             body: "ACL not found".into(),
         };
         assert_eq!(other.missing_permission(), None);
+        let anonymous = AgentError::Status {
+            endpoint: "leaf".into(),
+            status: 403,
+            body: "Permission denied: anonymous token lacks permission 'service:write' on \"web\". The anonymous token is used implicitly when a request does not specify a token.".into(),
+        };
+        assert_eq!(
+            anonymous.missing_permission().as_deref(),
+            Some("service:write on \"web\"")
+        );
     }
 
     #[test]
