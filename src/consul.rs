@@ -470,8 +470,41 @@ impl AgentClient {
             .await
     }
 
-    /// A PUT with an optional JSON body and query, for registration calls.
-    pub async fn put<B: Serialize>(
+    /// A local service registration (hash-blocking when `hash` is given).
+    pub async fn agent_service<T: DeserializeOwned>(
+        &self,
+        id: &str,
+        hash: Option<&str>,
+        wait: Duration,
+    ) -> Result<(T, Option<String>), AgentError> {
+        let path = format!("/v1/agent/service/{}", path_segment(id));
+        self.get_hashed("proxy registration", &path, hash, wait)
+            .await
+    }
+
+    /// Registers a service, replacing its existing checks (so registering
+    /// again is idempotent).
+    pub async fn register_service<B: Serialize>(&self, body: &B) -> Result<(), AgentError> {
+        let q = [("replace-existing-checks", "true".to_string())];
+        self.put("register", "/v1/agent/service/register", &q, Some(body))
+            .await
+    }
+
+    /// Deregisters service instance `id`.
+    pub async fn deregister_service(&self, id: &str) -> Result<(), AgentError> {
+        let path = format!("/v1/agent/service/deregister/{}", path_segment(id));
+        self.put::<()>("deregister", &path, &[], None).await
+    }
+
+    /// Marks TTL check `id` passing, with `note` as its output.
+    pub async fn check_pass(&self, id: &str, note: &str) -> Result<(), AgentError> {
+        let path = format!("/v1/agent/check/pass/{}", path_segment(id));
+        self.put::<()>("heartbeat", &path, &[("note", note.to_string())], None)
+            .await
+    }
+
+    /// A PUT with an optional JSON body and query.
+    async fn put<B: Serialize>(
         &self,
         endpoint: &str,
         path: &str,
@@ -487,7 +520,7 @@ impl AgentClient {
 
     /// A GET of any JSON, non-blocking or hash-blocking (agent-local
     /// endpoints): returns the value and `X-Consul-ContentHash`.
-    pub async fn get_hashed<T: DeserializeOwned>(
+    async fn get_hashed<T: DeserializeOwned>(
         &self,
         endpoint: &str,
         path: &str,

@@ -113,14 +113,7 @@ struct CheckBody<'a> {
 
 /// Registers once (replacing existing checks, so a restart is idempotent).
 pub async fn register(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
-    client
-        .put(
-            "register",
-            "/v1/agent/service/register",
-            &[("replace-existing-checks", "true".to_string())],
-            Some(&reg.body()),
-        )
-        .await
+    client.register_service(&reg.body()).await
 }
 
 /// Heartbeats until `cancel`, registering again whenever the agent does not
@@ -131,21 +124,14 @@ pub async fn keep(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let path = format!("/v1/agent/check/pass/{}", reg.check_id());
+    let check = reg.check_id();
     let mut failing: Option<String> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let beat = client
-            .put::<()>(
-                "heartbeat",
-                &path,
-                &[("note", "ferry is serving".to_string())],
-                None,
-            )
-            .await;
+        let beat = client.check_pass(&check, "ferry is serving").await;
         let result = match beat {
             Err(e) if e.status() == Some(404) => {
                 tracing::warn!(id = %reg.id, "the agent lost our registration; registering again");
@@ -171,13 +157,12 @@ pub async fn keep(
 
 /// Deregisters: up to three attempts, 500 ms apart, as Consul's proxy does.
 pub async fn deregister(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
-    let path = format!("/v1/agent/service/deregister/{}", reg.id);
     let mut last = None;
     for attempt in 0..3 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        match client.put::<()>("deregister", &path, &[], None).await {
+        match client.deregister_service(&reg.id).await {
             Ok(()) => return Ok(()),
             // Already gone is what we wanted.
             Err(e) if e.status() == Some(404) => return Ok(()),

@@ -138,22 +138,7 @@ pub async fn fetch(
     hash: Option<&str>,
     wait: Duration,
 ) -> Result<(AgentService, Option<String>), AgentError> {
-    let path = format!("/v1/agent/service/{}", encode(proxy_id));
-    client
-        .get_hashed("proxy registration", &path, hash, wait)
-        .await
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    client.agent_service(proxy_id, hash, wait).await
 }
 
 /// A number in `Proxy.Config`: a JSON number (Go sends floats) or a string.
