@@ -25,6 +25,9 @@
 //!   file, `-token=`) is skipped for the next one in the order above. Go
 //!   does the same except that an empty `-token-file` skips
 //!   `CONSUL_HTTP_TOKEN_FILE` too.
+//! - A token file that does not exist is skipped with a warning (Go stops):
+//!   Nomad writes `si_token` only when Consul ACLs are on, so the same job
+//!   must start without it. Other read errors stay fatal.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -168,7 +171,8 @@ pub enum AgentConfigError {
     /// A boolean variable that Go's `strconv.ParseBool` would not accept.
     #[error("{var}={value:?} is not a boolean (expected true or false; also 1, t, T, TRUE, True, 0, f, F, FALSE, False)")]
     BadBool { var: &'static str, value: String },
-    /// A configured token file that cannot be read: fatal in the Go client
+    /// A configured token file that exists but cannot be read: fatal, as in
+    /// the Go client
     /// too, rather than silently running without a token.
     #[error("{origin} {}: cannot read the token file: {source}", path.display())]
     TokenFile {
@@ -415,6 +419,16 @@ fn resolve_token(args: &AgentArgs, env: &dyn Env) -> Result<Option<Token>, Agent
             Source::File(path, _) if path.as_os_str().is_empty() => continue,
             Source::File(path, origin) => match std::fs::read_to_string(&path) {
                 Ok(s) => s.trim().to_string(),
+                // Nomad writes si_token only when Consul ACLs are on, so a
+                // job that names it must also run where it never appears.
+                // Going on without a token grants nothing: an agent with
+                // ACLs answers 403, and ferry fails closed. Go's client
+                // stops here; other read errors (permissions, a directory)
+                // still do.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(%origin, path = %path.display(), "token file does not exist; going on without it (fine when Consul ACLs are off)");
+                    continue;
+                }
                 Err(source) => {
                     return Err(AgentConfigError::TokenFile {
                         origin,
@@ -838,33 +852,14 @@ mod tests {
     #[test]
     fn unreadable_token_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("no-such-token");
-        let missing_s = missing.to_str().unwrap();
         let dir_s = dir.path().to_str().unwrap();
-        let cases: [(&str, Option<&str>, Env2, &str, &str); 4] = [
+        let cases: [(&str, Option<&str>, Env2, &str, &str); 2] = [
             (
-                "missing -token-file",
-                Some(missing_s),
-                [NO, NO],
-                "-token-file",
-                missing_s,
-            ),
-            (
-                "-token-file wins, so it must be readable",
-                Some(missing_s),
-                [("CONSUL_HTTP_TOKEN", "ok"), NO],
-                "-token-file",
-                missing_s,
-            ),
-            (
-                "missing CONSUL_HTTP_TOKEN_FILE",
+                "CONSUL_HTTP_TOKEN_FILE is a directory",
                 None,
-                [
-                    ("CONSUL_HTTP_TOKEN_FILE", missing_s),
-                    ("CONSUL_HTTP_TOKEN", "ok"),
-                ],
+                [("CONSUL_HTTP_TOKEN_FILE", dir_s), NO],
                 "CONSUL_HTTP_TOKEN_FILE",
-                missing_s,
+                dir_s,
             ),
             ("a directory", Some(dir_s), [NO, NO], "-token-file", dir_s),
         ];
@@ -880,6 +875,37 @@ mod tests {
             assert!(err.contains(origin), "{name}: {err}");
             assert!(err.contains(path), "{name}: {err}");
             assert!(err.contains("token file"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_token_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("si_token");
+        let m = missing.to_str().unwrap();
+        let cases: [(&str, Option<&str>, Env2, Option<&str>); 3] = [
+            ("missing -token-file alone", Some(m), [NO, NO], None),
+            (
+                "missing -token-file, then the env token",
+                Some(m),
+                [("CONSUL_HTTP_TOKEN", "ok"), NO],
+                Some("ok"),
+            ),
+            (
+                "missing CONSUL_HTTP_TOKEN_FILE (Nomad without ACLs)",
+                None,
+                [("CONSUL_HTTP_TOKEN_FILE", m), NO],
+                None,
+            ),
+        ];
+        for (name, file, env, want) in cases {
+            let args = AgentArgs {
+                token_file: file.map(PathBuf::from),
+                ..AgentArgs::default()
+            };
+            let config =
+                AgentConfig::resolve(&args, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.token.as_ref().map(Token::secret), want, "{name}");
         }
     }
 

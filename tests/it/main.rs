@@ -19,3 +19,5 @@ mod logs;
 mod fake_agent;
 // The binary's command line: bad flags and files give clear errors.
 mod cli;
+// The Nomad job examples in nomad-jobs/ start ferry with flags it accepts.
+mod nomad_jobs;
