@@ -262,7 +262,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
             control.spawn(register::keep(
                 client.clone(),
                 reg.clone(),
-                register::HEARTBEAT,
+                watch_policy.heartbeat,
                 beat.clone(),
             ));
             running.registration = Some((client.clone(), reg, beat));

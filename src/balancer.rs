@@ -62,6 +62,10 @@ pub struct Balancer {
     instances: RwLock<Arc<[Arc<Instance>]>>,
     cursor: AtomicUsize,
     epoch: Instant,
+    /// False until the first instance set arrives (even an empty one), so a
+    /// connection that comes before discovery has answered can wait for it
+    /// instead of failing as if the upstream had no instances.
+    known: tokio::sync::watch::Sender<bool>,
 }
 
 /// The result of reporting a failure.
@@ -81,7 +85,19 @@ impl Balancer {
             instances: RwLock::new(Arc::from(Vec::new())),
             cursor: AtomicUsize::new(0),
             epoch: Instant::now(),
+            known: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// True once an instance set has been delivered.
+    pub fn is_known(&self) -> bool {
+        *self.known.borrow()
+    }
+
+    /// Completes once an instance set has been delivered.
+    pub async fn known(&self) {
+        let mut rx = self.known.subscribe();
+        let _ = rx.wait_for(|k| *k).await;
     }
 
     /// Replaces the instance set. Instances that stay (same address) keep
@@ -105,6 +121,7 @@ impl Balancer {
             })
             .collect();
         *self.instances.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(next);
+        self.known.send_if_modified(|k| !std::mem::replace(k, true));
     }
 
     fn snapshot(&self) -> Arc<[Arc<Instance>]> {
@@ -269,8 +286,15 @@ mod tests {
         assert_eq!(states[1].consecutive_failures, 0);
     }
 
-    #[test]
-    fn empty_set_has_no_candidates() {
-        assert!(Balancer::new(POLICY).candidates(3).is_empty());
+    #[tokio::test]
+    async fn an_empty_answer_still_counts_as_known() {
+        let b = Balancer::new(POLICY);
+        assert!(!b.is_known());
+        assert!(b.candidates(3).is_empty());
+        b.set_instances(Vec::new());
+        assert!(b.is_known(), "discovery answered: there are no instances");
+        tokio::time::timeout(Duration::from_secs(1), b.known())
+            .await
+            .expect("known() completes");
     }
 }

@@ -84,13 +84,31 @@ async fn handle(
         }
     };
     let connector = TlsConnector::from(config);
+    let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
+    if !ctx.balancer.is_known() {
+        // Discovery has not answered yet (ferry just started, or this
+        // upstream was just added): wait for it rather than refuse.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let waited = net::bounded(left, kill, async {
+            ctx.balancer.known().await;
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await;
+        if let Err(e) = waited {
+            ctx.metrics.upstream_unavailable.inc();
+            report.fail(
+                Phase::Pick,
+                format!("waiting for the first list of instances: {e}"),
+            );
+            return report;
+        }
+    }
     let candidates = ctx.balancer.candidates(ctx.attempts as usize);
     if candidates.is_empty() {
         ctx.metrics.upstream_unavailable.inc();
-        report.fail(Phase::Pick, "no instances known");
+        report.fail(Phase::Pick, "no healthy instances");
         return report;
     }
-    let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
     let mut failures = Vec::new();
     for inst in candidates {
         let left = deadline.saturating_duration_since(Instant::now());

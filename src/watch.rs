@@ -36,6 +36,9 @@ pub struct WatchPolicy {
     /// Longest retry delay. Default 30 s: the agent coming back is noticed
     /// within that, and a down agent sees two calls a minute per watcher.
     pub backoff_max: Duration,
+    /// `-register`'s TTL heartbeat interval. Default 10 s, a third of the
+    /// 30 s TTL, as Consul's proxy does.
+    pub heartbeat: Duration,
 }
 
 impl Default for WatchPolicy {
@@ -45,6 +48,7 @@ impl Default for WatchPolicy {
             min_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            heartbeat: crate::register::HEARTBEAT,
         }
     }
 }
@@ -193,6 +197,7 @@ mod tests {
             min_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
         }
     }
 

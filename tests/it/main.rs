@@ -21,3 +21,5 @@ mod fake_agent;
 mod cli;
 // The Nomad job examples in nomad-jobs/ start ferry with flags it accepts.
 mod nomad_jobs;
+// Registration mode (-proxy-id, -sidecar-for) and -register against the fake agent.
+mod registration;

@@ -46,6 +46,7 @@ pub fn fast_watch() -> ferry::watch::WatchPolicy {
         min_interval: Duration::from_millis(20),
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
+        heartbeat: Duration::from_millis(100),
     }
 }
 
