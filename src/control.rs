@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::balancer::Balancer;
@@ -26,13 +26,12 @@ use crate::identity::SpiffeId;
 use crate::tls::{Credentials, PemBundle};
 use crate::watch::{watch, WatchPolicy};
 
-enum Delivery {
-    Roots(CaRoots),
-    Leaf(IssuedCert),
-}
-
 /// Watches roots and the leaf for `service` and publishes each new valid
 /// [`Credentials`] on `tx`.
+///
+/// Each watcher publishes its latest value into a `watch` channel (latest
+/// wins: a burst of deliveries can never be lost or queue up), and one
+/// combiner builds and validates a new set whenever either changed.
 pub async fn credentials(
     client: AgentClient,
     service: String,
@@ -40,53 +39,39 @@ pub async fn credentials(
     policy: WatchPolicy,
     cancel: CancellationToken,
 ) {
-    let (dtx, mut drx) = mpsc::channel(4);
-    let roots_task = {
-        let (client, dtx, cancel) = (client.clone(), dtx.clone(), cancel.clone());
-        async move {
-            watch(
-                "roots",
-                policy,
-                &cancel,
-                |b| client.roots(b),
-                |r| {
-                    let _ = dtx.try_send(Delivery::Roots(r));
-                },
-            )
-            .await
-        }
-    };
-    let leaf_task = {
-        let (client, dtx, cancel, svc) =
-            (client.clone(), dtx.clone(), cancel.clone(), service.clone());
-        async move {
-            watch(
-                "leaf",
-                policy,
-                &cancel,
-                |b| client.leaf(&svc, b),
-                |l| {
-                    let _ = dtx.try_send(Delivery::Leaf(l));
-                },
-            )
-            .await
-        }
-    };
-    drop(dtx);
-    let combine = async move {
-        let mut roots: Option<CaRoots> = None;
-        let mut leaf: Option<IssuedCert> = None;
+    let (roots_tx, mut roots_rx) = watch::channel(None::<CaRoots>);
+    let (leaf_tx, mut leaf_rx) = watch::channel(None::<IssuedCert>);
+    let roots_task = watch(
+        "roots",
+        policy,
+        &cancel,
+        |b| client.roots(b),
+        |r| {
+            roots_tx.send_if_modified(|cur| replace_if_changed(cur, r));
+        },
+    );
+    let leaf_task = watch(
+        "leaf",
+        policy,
+        &cancel,
+        |b| client.leaf(&service, b),
+        |l| {
+            leaf_tx.send_if_modified(|cur| replace_if_changed(cur, l));
+        },
+    );
+    let combine = async {
         loop {
-            match drx.recv().await {
-                Some(Delivery::Roots(r)) if roots.as_ref() != Some(&r) => roots = Some(r),
-                Some(Delivery::Leaf(l)) if leaf.as_ref() != Some(&l) => leaf = Some(l),
-                Some(_) => continue, // unchanged
-                None => return,
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = roots_rx.changed() => if r.is_err() { return },
+                r = leaf_rx.changed() => if r.is_err() { return },
             }
-            let (Some(r), Some(l)) = (&roots, &leaf) else {
+            let roots = roots_rx.borrow_and_update().clone();
+            let leaf = leaf_rx.borrow_and_update().clone();
+            let (Some(r), Some(l)) = (roots, leaf) else {
                 continue;
             };
-            match build(r, l, &service) {
+            match build(&r, &l, &service) {
                 Ok(c) => {
                     tracing::info!(identity = %c.identity.id, serial = %c.identity.serial, roots = c.root_count(), "certificates loaded");
                     tx.send_replace(Some(Arc::new(c)));
@@ -98,6 +83,15 @@ pub async fn credentials(
         }
     };
     tokio::join!(roots_task, leaf_task, combine);
+}
+
+/// Stores `next` if it differs; says whether it did.
+fn replace_if_changed<T: PartialEq>(cur: &mut Option<T>, next: T) -> bool {
+    if cur.as_ref() == Some(&next) {
+        return false;
+    }
+    *cur = Some(next);
+    true
 }
 
 fn build(roots: &CaRoots, leaf: &IssuedCert, service: &str) -> Result<Credentials, String> {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::consul::{AgentClient, Blocking};
@@ -189,31 +190,33 @@ pub async fn run(r: Revoker, cancel: CancellationToken) {
             }
         }
     }
+    // The watch only notes that intentions changed; the re-check runs in
+    // its own loop, so a slow agent answer never delays noticing the next
+    // change, and a burst of changes costs one re-check.
+    let changed = Notify::new();
     let mut last = probe.ok().map(|r| r.value);
-    watch(
+    let watching = watch(
         "intentions",
         policy,
         &cancel,
         |b| client.intention_match(&target, b),
         |v| {
             if last.as_ref() != Some(&v) {
-                let first = last.is_none();
-                last = Some(v);
-                if !first {
-                    let (client, target, live, metrics) = (
-                        client.clone(),
-                        target.clone(),
-                        live.clone(),
-                        metrics.clone(),
-                    );
-                    // Re-check off the watch loop, so a slow agent answer
-                    // does not delay noticing the next change.
-                    tokio::spawn(async move {
-                        recheck(&client, &target, &live, timeout, &metrics).await
-                    });
+                if last.is_some() {
+                    changed.notify_one();
                 }
+                last = Some(v);
             }
         },
-    )
-    .await;
+    );
+    let rechecking = async {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = changed.notified() => {}
+            }
+            recheck(&client, &target, &live, timeout, &metrics).await;
+        }
+    };
+    tokio::join!(watching, rechecking);
 }
