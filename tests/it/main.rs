@@ -23,3 +23,5 @@ mod cli;
 mod nomad_jobs;
 // Registration mode (-proxy-id, -sidecar-for) and -register against the fake agent.
 mod registration;
+// ferry with a Consul agent: certificates, instances, intentions and agent trouble, against the fake agent.
+mod consul_mode;
