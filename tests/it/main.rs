@@ -17,6 +17,8 @@ mod interop;
 mod logs;
 // The fake Consul agent itself behaves like Consul (so failures elsewhere are ferry's).
 mod fake_agent;
+// Reaching the agent over a unix socket and over https with our own CA and server name.
+mod agent_transport;
 // The binary's command line: bad flags and files give clear errors.
 mod cli;
 // The Nomad job examples in nomad-jobs/ start ferry with flags it accepts.
