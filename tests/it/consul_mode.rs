@@ -6,8 +6,6 @@
 //! garbage) while ferry keeps serving on its last good state.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry::certs::{DevCa, Leaf};
@@ -261,87 +259,6 @@ impl AgentMesh {
     /// web's local listener for api.
     fn entry(&self) -> SocketAddr {
         self.web.upstream("api")
-    }
-}
-
-/// The real binary, its stderr collected line by line; killed on drop.
-struct Binary {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Binary {
-    /// Runs ferry with `args` and an empty environment.
-    fn start(args: &[&str]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Binary {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    /// The first line containing `needle`, waiting for it (async, so the
-    /// in-process agent keeps answering meanwhile).
-    async fn line(&self, needle: &str) -> String {
-        let find = || {
-            let lines = self.lines.lock().unwrap();
-            lines.iter().find(|l| l.contains(needle)).cloned()
-        };
-        eventually(&format!("a log line containing {needle:?}"), || {
-            find().is_some()
-        })
-        .await;
-        find().unwrap()
-    }
-
-    /// The `listen=` address of the first line containing `needle`.
-    async fn listen_addr(&self, needle: &str) -> SocketAddr {
-        let l = self.line(needle).await;
-        let start = l.find(" listen=").expect("listen= field") + " listen=".len();
-        l[start..]
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .expect("address")
-    }
-
-    /// Kills the process and returns everything it wrote to stderr.
-    fn stop(&mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        self.lines.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1109,7 +1026,7 @@ async fn the_token_never_appears_in_the_logs() {
     agent.set_instances("api", vec![Instance::sidecar(api.inbound())]);
 
     let (url, app_addr) = (agent.url(), app.addr_arg());
-    let mut bin = Binary::start(&[
+    let mut bin = FerryProcess::start(&[
         "-http-addr",
         &url,
         "-token",
@@ -1167,7 +1084,7 @@ async fn a_refused_token_is_logged_once_and_nothing_listens() {
     let (url, app_addr) = (agent.url(), app.addr_arg());
     let (listen, anon_listen) = (port.to_string(), anon_port.to_string());
     let wrong = "not-the-token-42";
-    let mut bin = Binary::start(&[
+    let mut bin = FerryProcess::start(&[
         "-http-addr",
         &url,
         "-token",
@@ -1179,7 +1096,7 @@ async fn a_refused_token_is_logged_once_and_nothing_listens() {
         "-service-addr",
         &app_addr,
     ]);
-    let mut anon = Binary::start(&[
+    let mut anon = FerryProcess::start(&[
         "-http-addr",
         &url,
         "-service",

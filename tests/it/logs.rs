@@ -3,73 +3,9 @@
 //! the reason; a finished one carries both identities, bytes each way and
 //! the duration.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-
 use tokio::net::TcpStream;
 
 use crate::support::*;
-
-/// The ferry binary with its stderr lines on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The next line containing `needle`, within the deadline.
-    fn line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no log line containing {needle:?} within {DEADLINE:?}"),
-            }
-        }
-    }
-
-    fn listen_addr(&self) -> SocketAddr {
-        let l = self.line("listener ready");
-        let start = l.find(" listen=").expect("listen= field") + " listen=".len();
-        l[start..]
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .expect("address")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn each_connection_is_logged_once_with_who_what_and_why() {
@@ -80,7 +16,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
     let app = EchoServer::start().await;
     let dir = pki.dir_arg();
     let app_addr = app.addr_arg();
-    let ferry = Proc::start(&[
+    let ferry = FerryProcess::start(&[
         "-service",
         "api",
         "-listen",
@@ -93,7 +29,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
         "web",
         "-default-deny",
     ]);
-    let addr = ferry.listen_addr();
+    let addr = ferry.listen_addr("inbound listener ready").await;
 
     // Denied: billing.
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -107,7 +43,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
         got.map_or(true, |b| b.is_empty()),
         "denied peer got nothing back"
     );
-    let denied = ferry.line("connection denied");
+    let denied = ferry.line("connection denied").await;
     for want in [
         format!("peer=127.0.0.1:{billing_port}"),
         format!("source=\"{}\"", pki.uri("billing")),
@@ -129,7 +65,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
         .expect("handshake");
     let got = round_trip(&mut tls, b"hello, api!").await.expect("echo");
     assert_eq!(got, b"hello, api!");
-    let closed = ferry.line("connection closed");
+    let closed = ferry.line("connection closed").await;
     for want in [
         format!("source=\"{}\"", pki.uri("web")),
         format!("target=\"{app_addr}\""),
@@ -155,7 +91,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
             "no certificate, no reply"
         );
     }
-    let failed = ferry.line("connection failed");
+    let failed = ferry.line("connection failed").await;
     assert!(failed.contains("phase=\"handshake\""), "{failed}");
     assert!(failed.contains("detail=TLS:"), "{failed}");
 }

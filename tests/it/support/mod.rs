@@ -10,8 +10,9 @@ pub mod fake_agent;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry::certs::{DevCa, Leaf, LeafSpec};
@@ -464,5 +465,86 @@ impl Mesh {
     /// The client-side ferry's local listener for the server service.
     pub fn entry(&self, server_svc: &str) -> SocketAddr {
         self.client.upstream(server_svc)
+    }
+}
+
+/// The real binary, its stderr collected line by line; killed on drop.
+pub struct FerryProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FerryProcess {
+    /// Runs ferry with `args` and an empty environment.
+    pub fn start(args: &[&str]) -> FerryProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        FerryProcess {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The first line containing `needle`, waiting for it (async, so the
+    /// in-process agent keeps answering meanwhile).
+    pub async fn line(&self, needle: &str) -> String {
+        let find = || {
+            let lines = self.lines.lock().unwrap();
+            lines.iter().find(|l| l.contains(needle)).cloned()
+        };
+        eventually(&format!("a log line containing {needle:?}"), || {
+            find().is_some()
+        })
+        .await;
+        find().unwrap()
+    }
+
+    /// The `listen=` address of the first line containing `needle`.
+    pub async fn listen_addr(&self, needle: &str) -> SocketAddr {
+        let l = self.line(needle).await;
+        let start = l.find(" listen=").expect("listen= field") + " listen=".len();
+        l[start..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .expect("address")
+    }
+
+    /// Kills the process and returns everything it wrote to stderr.
+    pub fn stop(&mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
