@@ -243,7 +243,9 @@ pub struct QueryResult {
     pub nodes: Vec<ServiceEntry>,
 }
 
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+/// Decodes a JSON `null` as the type's default (Go marshals nil slices
+/// and maps as `null`).
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Default + Deserialize<'de>,

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{Discovery, UpstreamConfig};
-use crate::consul::{AgentClient, AgentError};
+use crate::consul::{null_as_default, AgentClient, AgentError};
 
 /// A local agent service, as `/v1/agent/service/<id>` and
 /// `/v1/agent/services` return it (the fields ferry reads).
@@ -59,9 +59,9 @@ pub struct AgentProxy {
     pub local_service_address: String,
     pub local_service_port: u16,
     pub local_service_socket_path: String,
-    #[serde(deserialize_with = "null_map")]
+    #[serde(deserialize_with = "null_as_default")]
     pub config: HashMap<String, Value>,
-    #[serde(deserialize_with = "null_vec")]
+    #[serde(deserialize_with = "null_as_default")]
     pub upstreams: Vec<AgentUpstream>,
 }
 
@@ -75,16 +75,8 @@ pub struct AgentUpstream {
     pub local_bind_address: String,
     pub local_bind_port: u16,
     pub local_bind_socket_path: String,
-    #[serde(deserialize_with = "null_map")]
+    #[serde(deserialize_with = "null_as_default")]
     pub config: HashMap<String, Value>,
-}
-
-fn null_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HashMap<String, Value>, D::Error> {
-    Ok(Option::deserialize(d)?.unwrap_or_default())
-}
-
-fn null_vec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<AgentUpstream>, D::Error> {
-    Ok(Option::deserialize(d)?.unwrap_or_default())
 }
 
 /// What a registration says the proxy should do.
