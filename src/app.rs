@@ -97,7 +97,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
     let conns = TaskTracker::new();
     let control = TaskTracker::new();
     let client = match &config.agent {
-        Some(a) => Some(AgentClient::new(a)?),
+        Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
         None => None,
     };
 
@@ -160,12 +160,13 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
     };
     let (creds_tx, creds_rx) = watch::channel(first.clone());
     let creds_tx = Arc::new(creds_tx);
+    metrics.leaf_expiry.set(first.leaf_not_after);
     if let Some(mut rx) = from_agent {
-        let tx = creds_tx.clone();
+        let (tx, metrics) = (creds_tx.clone(), metrics.clone());
         control.spawn(async move {
             while rx.changed().await.is_ok() {
                 if let Some(c) = rx.borrow_and_update().clone() {
-                    tx.send_replace(c);
+                    install(&tx, &metrics, c);
                 }
             }
         });
@@ -464,7 +465,8 @@ impl UpstreamSet {
     /// Starts serving upstream `u` on an already bound listener.
     fn serve(&self, u: UpstreamConfig, listener: TcpListener) {
         let addr = listener.local_addr().unwrap_or(u.bind);
-        let balancer = Arc::new(Balancer::new(self.ejection));
+        let m = self.metrics.upstream(&u.name);
+        let balancer = Arc::new(Balancer::new(self.ejection).with_gauge(m.instances.clone()));
         let discovery = self.discover(&u, &balancer);
         let mut timeouts = self.timeouts;
         if let Some(d) = u.deadline {
@@ -478,6 +480,7 @@ impl UpstreamSet {
             timeouts,
             idle_timeout: self.idle_timeout,
             metrics: self.metrics.clone(),
+            m,
         });
         let stop = self.stop.child_token();
         let target = self.target(&u.name);
@@ -591,6 +594,13 @@ impl UpstreamSet {
     }
 }
 
+/// Puts new credentials in use for new connections, and says so in metrics.
+fn install(tx: &watch::Sender<Arc<Credentials>>, metrics: &Metrics, c: Arc<Credentials>) {
+    metrics.leaf_expiry.set(c.leaf_not_after);
+    metrics.rotations.inc();
+    tx.send_replace(c);
+}
+
 /// The TLS server name for an instance: Consul's SNI for the service, or —
 /// when that is not a valid DNS name (Consul allows `_` in datacenter names)
 /// — the instance IP, which makes rustls send no SNI at all.
@@ -617,7 +627,7 @@ impl Running {
     /// Replaces the credentials used by new connections. Connections already
     /// established keep the ones they started with.
     pub fn rotate(&self, credentials: Arc<Credentials>) {
-        self.credentials.send_replace(credentials);
+        install(&self.credentials, &self.metrics, credentials);
     }
 
     /// The credentials new connections use now.

@@ -66,6 +66,8 @@ pub struct Balancer {
     /// connection that comes before discovery has answered can wait for it
     /// instead of failing as if the upstream had no instances.
     known: tokio::sync::watch::Sender<bool>,
+    /// The instance count, exported as a metric.
+    count: Option<crate::metrics::GaugeTally>,
 }
 
 /// The result of reporting a failure.
@@ -86,7 +88,14 @@ impl Balancer {
             cursor: AtomicUsize::new(0),
             epoch: Instant::now(),
             known: tokio::sync::watch::Sender::new(false),
+            count: None,
         }
+    }
+
+    /// Reports the number of instances on `gauge` whenever the set changes.
+    pub fn with_gauge(mut self, gauge: crate::metrics::GaugeTally) -> Balancer {
+        self.count = Some(gauge);
+        self
     }
 
     /// True once an instance set has been delivered.
@@ -120,6 +129,9 @@ impl Balancer {
                     })
             })
             .collect();
+        if let Some(g) = &self.count {
+            g.set(next.len() as i64);
+        }
         *self.instances.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(next);
         self.known.send_if_modified(|k| !std::mem::replace(k, true));
     }

@@ -32,6 +32,17 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// The metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Denied => "denied",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 /// Everything the close log line says.
 #[derive(Debug)]
 pub struct Report {

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::agent::{AgentAddr, AgentConfig, AgentTls, Token};
+use crate::metrics::{EndpointLabel, Metrics};
 
 /// Extra time beyond `wait + wait/16` before a blocking call is abandoned.
 const BLOCKING_SLACK: Duration = Duration::from_secs(5);
@@ -261,6 +262,8 @@ pub struct AgentClient {
     base: Arc<str>,
     token: Option<Token>,
     datacenter: Option<String>,
+    /// Counts failed requests per endpoint, when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -309,7 +312,14 @@ impl AgentClient {
             base: base.into(),
             token: config.token.clone(),
             datacenter: config.datacenter.clone(),
+            metrics: None,
         })
+    }
+
+    /// Counts failed requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> AgentClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -342,14 +352,20 @@ impl AgentClient {
             }
             Ok((headers, bytes_body::Body(body.to_vec())))
         };
-        tokio::time::timeout(timeout, fut)
+        let result = tokio::time::timeout(timeout, fut)
             .await
             .unwrap_or_else(|_| {
                 Err(AgentError::Timeout {
                     endpoint: endpoint.to_string(),
                     timeout,
                 })
-            })
+            });
+        if let (Err(_), Some(m)) = (&result, &self.metrics) {
+            m.agent_errors.inc(&EndpointLabel {
+                endpoint: endpoint.to_string(),
+            });
+        }
+        result
     }
 
     async fn get_json<T: DeserializeOwned>(

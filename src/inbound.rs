@@ -22,7 +22,7 @@ use crate::authz::Authorizer;
 use crate::config::Timeouts;
 use crate::conn::{Direction, Outcome, Report};
 use crate::identity::peer_identity;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::net::{self, Phase};
 use crate::revoke::LiveConns;
 use crate::splice::splice;
@@ -59,6 +59,8 @@ pub(crate) async fn serve(
             ctx.metrics.inbound_active.inc();
             let report = handle(&ctx, stream, peer, &kill).await;
             ctx.metrics.inbound_active.dec();
+            ctx.metrics
+                .closed("inbound", &ctx.service, report.outcome.label());
             report.log();
         });
     }
@@ -82,7 +84,10 @@ async fn handle(
     let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {
         Ok(tls) => tls,
         Err(e) => {
-            ctx.metrics.inbound_handshake_failed.inc();
+            let reason = net::tls_failure_reason(&e);
+            ctx.metrics
+                .inbound_handshake_failed
+                .inc(&ReasonLabel { reason });
             report.fail(Phase::Handshake, net::tls_failure(e));
             return report;
         }
@@ -147,8 +152,8 @@ async fn handle(
         .map(|l| l.register(identity, kill.child_token()));
     let cancel = live.as_ref().map_or(kill, |l| &l.close);
     let done = splice(&mut tls, &mut app, ctx.idle_timeout, cancel).await;
-    ctx.metrics.inbound_bytes_in.add(done.a_to_b);
-    ctx.metrics.inbound_bytes_out.add(done.b_to_a);
+    ctx.metrics.inbound_bytes_in.inc_by(done.a_to_b);
+    ctx.metrics.inbound_bytes_out.inc_by(done.b_to_a);
     report.spliced(done, "peer", "local app");
     if let Some(why) = live.as_ref().and_then(|l| l.revoked()) {
         report.detail = why.to_string();

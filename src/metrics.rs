@@ -1,43 +1,179 @@
-//! Counters at each decision point of the data plane.
+//! Counters and gauges at each decision point, exported in the Prometheus
+//! text format by the admin listener (`/metrics`).
 //!
-//! Plain relaxed atomics: an increment costs a few nanoseconds and nothing on
-//! the hot path allocates or locks. The admin endpoint (issue-level work to
-//! come) renders these; tests read them directly.
+//! Built on `prometheus-client`. Labelled series (per upstream, per
+//! handshake-failure reason, per agent endpoint) are resolved once where
+//! possible — each upstream listener takes its handles when it starts — so
+//! the per-connection cost is a few relaxed atomic increments, never a map
+//! lookup on the data path. Each labelled family also keeps a process-wide
+//! total, which `get()` returns (tests and `/status` read those).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-/// One counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::registry::Registry;
 
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Adds `n`.
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    /// Subtracts one (gauges only).
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+/// A monotonic counter.
+pub type Counter = PromCounter<u64, AtomicU64>;
+/// A value that goes up and down.
+pub type Gauge = PromGauge<i64, std::sync::atomic::AtomicI64>;
+
+/// Labels for per-upstream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+/// Labels for a handshake failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Labels for an authorization decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    pub decision: &'static str,
+}
+
+/// Labels for a closed connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabel {
+    /// `inbound` or `upstream`.
+    pub direction: &'static str,
+    /// Our service (inbound) or the upstream's name.
+    pub service: String,
+    /// `done`, `denied` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Labels for agent request errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+/// A counter family with one label, plus its total.
+#[derive(Debug)]
+pub struct Labeled<L: Clone + std::hash::Hash + Eq> {
+    family: Family<L, Counter>,
+    total: Counter,
+}
+
+impl<L: Clone + std::hash::Hash + Eq> Default for Labeled<L> {
+    fn default() -> Self {
+        Labeled {
+            family: Family::default(),
+            total: Counter::default(),
+        }
     }
 }
 
-/// Every counter ferry keeps.
-#[derive(Debug, Default)]
+impl<L: Clone + std::hash::Hash + Eq> Labeled<L> {
+    /// Adds one to the series for `label`.
+    pub fn inc(&self, label: &L) {
+        self.family.get_or_create(label).inc();
+        self.total.inc();
+    }
+    /// The total over every label.
+    pub fn get(&self) -> u64 {
+        self.total.get()
+    }
+    /// A handle on one series that also adds to the total.
+    pub fn handle(&self, label: &L) -> Tally {
+        Tally {
+            one: self.family.get_or_create_owned(label),
+            total: self.total.clone(),
+        }
+    }
+}
+
+/// One labelled series and the family's total, incremented together.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    one: Counter,
+    total: Counter,
+}
+
+impl Tally {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.one.inc();
+        self.total.inc();
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.one.inc_by(n);
+        self.total.inc_by(n);
+    }
+}
+
+/// A gauge family with one label, plus its total.
+#[derive(Debug)]
+pub struct LabeledGauge<L: Clone + std::hash::Hash + Eq> {
+    family: Family<L, Gauge>,
+    total: Gauge,
+}
+
+impl<L: Clone + std::hash::Hash + Eq> Default for LabeledGauge<L> {
+    fn default() -> Self {
+        LabeledGauge {
+            family: Family::default(),
+            total: Gauge::default(),
+        }
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> LabeledGauge<L> {
+    /// The total over every label.
+    pub fn get(&self) -> i64 {
+        self.total.get()
+    }
+    /// A handle on one series that also moves the total.
+    pub fn handle(&self, label: &L) -> GaugeTally {
+        GaugeTally {
+            one: self.family.get_or_create_owned(label),
+            total: self.total.clone(),
+        }
+    }
+}
+
+/// One labelled gauge and the family's total.
+#[derive(Debug, Clone, Default)]
+pub struct GaugeTally {
+    one: Gauge,
+    total: Gauge,
+}
+
+impl GaugeTally {
+    pub fn inc(&self) {
+        self.one.inc();
+        self.total.inc();
+    }
+    pub fn dec(&self) {
+        self.one.dec();
+        self.total.dec();
+    }
+    /// Sets this series (and moves the total by the difference).
+    pub fn set(&self, v: i64) {
+        let old = self.one.set(v);
+        self.total.inc_by(v - old);
+    }
+}
+
+/// Every metric ferry keeps.
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     /// Inbound connections accepted.
     pub inbound_accepted: Counter,
-    /// Inbound connections open now (gauge).
-    pub inbound_active: Counter,
-    /// Inbound handshakes that failed or timed out.
-    pub inbound_handshake_failed: Counter,
+    /// Inbound connections open now.
+    pub inbound_active: Gauge,
+    /// Inbound handshakes that failed or timed out, by reason.
+    pub inbound_handshake_failed: Labeled<ReasonLabel>,
     /// Inbound connections allowed by intentions.
     pub authz_allowed: Counter,
     /// Inbound connections denied by intentions.
@@ -52,20 +188,258 @@ pub struct Metrics {
     pub inbound_bytes_in: Counter,
     /// Bytes from the local application to mesh peers.
     pub inbound_bytes_out: Counter,
-    /// Upstream (outbound) connections accepted from the local app.
-    pub upstream_accepted: Counter,
-    /// Upstream connections open now (gauge).
-    pub upstream_active: Counter,
+    /// Connections closed, by direction, service and outcome.
+    pub closed: Family<ClosedLabel, Counter>,
+    /// Upstream connections accepted from the local app.
+    pub upstream_accepted: Labeled<UpstreamLabel>,
+    /// Upstream connections open now.
+    pub upstream_active: LabeledGauge<UpstreamLabel>,
     /// Failed attempts to connect to or handshake with an instance.
-    pub upstream_attempt_failed: Counter,
+    pub upstream_attempt_failed: Labeled<UpstreamLabel>,
     /// Attempts beyond the first for one connection.
-    pub upstream_retries: Counter,
+    pub upstream_retries: Labeled<UpstreamLabel>,
     /// Instances ejected.
-    pub upstream_ejections: Counter,
+    pub upstream_ejections: Labeled<UpstreamLabel>,
     /// Upstream connections that found no instance to use.
-    pub upstream_unavailable: Counter,
+    pub upstream_unavailable: Labeled<UpstreamLabel>,
     /// Bytes from the local app to upstream instances.
-    pub upstream_bytes_out: Counter,
+    pub upstream_bytes_out: Labeled<UpstreamLabel>,
     /// Bytes from upstream instances to the local app.
-    pub upstream_bytes_in: Counter,
+    pub upstream_bytes_in: Labeled<UpstreamLabel>,
+    /// Instances known per upstream.
+    pub upstream_instances: LabeledGauge<UpstreamLabel>,
+    /// Failed agent requests, by endpoint.
+    pub agent_errors: Labeled<EndpointLabel>,
+    /// End of the current leaf's validity, Unix seconds.
+    pub leaf_expiry: Gauge,
+    /// Certificate sets put in use after the first.
+    pub rotations: Counter,
+}
+
+/// The handles one upstream listener uses.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamMetrics {
+    pub accepted: Tally,
+    pub active: GaugeTally,
+    pub attempt_failed: Tally,
+    pub retries: Tally,
+    pub ejections: Tally,
+    pub unavailable: Tally,
+    pub bytes_out: Tally,
+    pub bytes_in: Tally,
+    pub instances: GaugeTally,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates every metric and registers it under the `ferry_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ferry");
+        let authz: Family<DecisionLabel, Counter> = Family::default();
+        let decision = |d| authz.get_or_create_owned(&DecisionLabel { decision: d });
+        let m = Metrics {
+            inbound_accepted: Counter::default(),
+            inbound_active: Gauge::default(),
+            inbound_handshake_failed: Labeled::default(),
+            authz_allowed: decision("allow"),
+            authz_denied: decision("deny"),
+            authz_error: decision("error"),
+            revoked: Counter::default(),
+            local_connect_failed: Counter::default(),
+            inbound_bytes_in: Counter::default(),
+            inbound_bytes_out: Counter::default(),
+            closed: Family::default(),
+            upstream_accepted: Labeled::default(),
+            upstream_active: LabeledGauge::default(),
+            upstream_attempt_failed: Labeled::default(),
+            upstream_retries: Labeled::default(),
+            upstream_ejections: Labeled::default(),
+            upstream_unavailable: Labeled::default(),
+            upstream_bytes_out: Labeled::default(),
+            upstream_bytes_in: Labeled::default(),
+            upstream_instances: LabeledGauge::default(),
+            agent_errors: Labeled::default(),
+            leaf_expiry: Gauge::default(),
+            rotations: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "inbound_connections_accepted",
+            "Inbound mTLS connections accepted",
+            m.inbound_accepted.clone(),
+        );
+        r.register(
+            "inbound_connections_active",
+            "Inbound connections open now",
+            m.inbound_active.clone(),
+        );
+        r.register(
+            "inbound_handshake_failures",
+            "Inbound TLS handshakes that failed, by reason",
+            m.inbound_handshake_failed.family.clone(),
+        );
+        r.register("authz_decisions", "Inbound authorization decisions", authz);
+        r.register(
+            "connections_revoked",
+            "Live connections closed because an intention now denies them",
+            m.revoked.clone(),
+        );
+        r.register(
+            "local_connect_failures",
+            "Failed connects to the local application",
+            m.local_connect_failed.clone(),
+        );
+        r.register(
+            "inbound_received_bytes",
+            "Bytes from mesh peers to the local application",
+            m.inbound_bytes_in.clone(),
+        );
+        r.register(
+            "inbound_sent_bytes",
+            "Bytes from the local application to mesh peers",
+            m.inbound_bytes_out.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed, by direction, service and outcome",
+            m.closed.clone(),
+        );
+        r.register(
+            "upstream_connections_accepted",
+            "Local connections accepted by upstream listeners",
+            m.upstream_accepted.family.clone(),
+        );
+        r.register(
+            "upstream_connections_active",
+            "Upstream connections open now",
+            m.upstream_active.family.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Failed connects or handshakes to upstream instances",
+            m.upstream_attempt_failed.family.clone(),
+        );
+        r.register(
+            "upstream_retries",
+            "Attempts beyond the first for one connection",
+            m.upstream_retries.family.clone(),
+        );
+        r.register(
+            "upstream_ejections",
+            "Upstream instances ejected after repeated failures",
+            m.upstream_ejections.family.clone(),
+        );
+        r.register(
+            "upstream_unavailable",
+            "Upstream connections that found no usable instance",
+            m.upstream_unavailable.family.clone(),
+        );
+        r.register(
+            "upstream_sent_bytes",
+            "Bytes from the local application to upstream instances",
+            m.upstream_bytes_out.family.clone(),
+        );
+        r.register(
+            "upstream_received_bytes",
+            "Bytes from upstream instances to the local application",
+            m.upstream_bytes_in.family.clone(),
+        );
+        r.register(
+            "upstream_instances",
+            "Instances known per upstream",
+            m.upstream_instances.family.clone(),
+        );
+        r.register(
+            "agent_request_errors",
+            "Failed requests to the Consul agent, by endpoint",
+            m.agent_errors.family.clone(),
+        );
+        r.register(
+            "leaf_expiry_timestamp_seconds",
+            "When the current leaf certificate expires (Unix time)",
+            m.leaf_expiry.clone(),
+        );
+        r.register(
+            "certificate_rotations",
+            "Certificate sets put in use after the first",
+            m.rotations.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The handles for upstream `name`.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        let l = UpstreamLabel {
+            upstream: name.to_string(),
+        };
+        UpstreamMetrics {
+            accepted: self.upstream_accepted.handle(&l),
+            active: self.upstream_active.handle(&l),
+            attempt_failed: self.upstream_attempt_failed.handle(&l),
+            retries: self.upstream_retries.handle(&l),
+            ejections: self.upstream_ejections.handle(&l),
+            unavailable: self.upstream_unavailable.handle(&l),
+            bytes_out: self.upstream_bytes_out.handle(&l),
+            bytes_in: self.upstream_bytes_in.handle(&l),
+            instances: self.upstream_instances.handle(&l),
+        }
+    }
+
+    /// Counts one closed connection.
+    pub fn closed(&self, direction: &'static str, service: &str, outcome: &'static str) {
+        self.closed
+            .get_or_create(&ClosedLabel {
+                direction,
+                service: service.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_series_and_totals_move_together() {
+        let m = Metrics::new();
+        let api = m.upstream("api");
+        let db = m.upstream("db");
+        api.attempt_failed.inc();
+        db.attempt_failed.inc();
+        db.bytes_out.add(10);
+        api.instances.set(3);
+        db.instances.set(2);
+        api.instances.set(1);
+        m.inbound_handshake_failed
+            .inc(&ReasonLabel { reason: "timeout" });
+        m.authz_denied.inc();
+        assert_eq!(m.upstream_attempt_failed.get(), 2);
+        assert_eq!(m.upstream_instances.get(), 3);
+        let text = m.render();
+        for want in [
+            "ferry_upstream_connect_failures_total{upstream=\"api\"} 1",
+            "ferry_upstream_sent_bytes_total{upstream=\"db\"} 10",
+            "ferry_upstream_instances{upstream=\"api\"} 1",
+            "ferry_inbound_handshake_failures_total{reason=\"timeout\"} 1",
+            "ferry_authz_decisions_total{decision=\"deny\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
 }

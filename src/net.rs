@@ -100,6 +100,38 @@ pub fn tls_failure(e: PhaseError<io::Error>) -> String {
     }
 }
 
+/// A short, bounded label for a failed TLS handshake, for metrics.
+pub fn tls_failure_reason(e: &PhaseError<io::Error>) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let PhaseError::Failed(err) = e else {
+        return match e {
+            PhaseError::TimedOut(_) => "timeout",
+            _ => "shutdown",
+        };
+    };
+    match err
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+    {
+        Some(E::NoCertificatesPresented) => "no_certificate",
+        Some(E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => "expired",
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => "untrusted",
+        Some(E::InvalidCertificate(C::Other(_))) => "identity",
+        Some(E::InvalidCertificate(_)) => "bad_certificate",
+        Some(
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. },
+        ) => "protocol",
+        Some(E::AlertReceived(_)) => "alert",
+        Some(_) => "tls",
+        None if err.kind() == io::ErrorKind::UnexpectedEof => "eof",
+        None => "io",
+    }
+}
+
 /// Sets the options every proxied socket gets: no Nagle delay (we forward
 /// whatever arrives at once; batching is the endpoints' business) and TCP
 /// keepalive, so a peer that vanished without a FIN is noticed eventually.

@@ -133,7 +133,7 @@ pub async fn recheck(
         match client.authorize(target, &uri, &peer.serial, timeout).await {
             Ok(a) if !a.authorized => {
                 let n = live.close_from(&uri, &a.reason);
-                metrics.revoked.add(n as u64);
+                metrics.revoked.inc_by(n as u64);
                 tracing::warn!(source = %uri, connections = n, reason = %a.reason, "intention now denies this source; closing its connections");
             }
             Ok(_) => {}

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::balancer::{Balancer, Failure};
 use crate::config::Timeouts;
 use crate::conn::{Direction, Report};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::net::{self, Phase};
 use crate::splice::splice;
 use crate::tls::Credentials;
@@ -37,6 +37,8 @@ pub(crate) struct Upstream {
     pub timeouts: Timeouts,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
+    /// This upstream's labelled series, resolved once.
+    pub m: UpstreamMetrics,
 }
 
 /// Accepts until `stop` fires; connections run on `tracker` and end early
@@ -49,13 +51,15 @@ pub(crate) async fn serve(
     tracker: TaskTracker,
 ) {
     while let Some((stream, peer)) = net::accept(&listener, &stop, &ctx.name).await {
-        ctx.metrics.upstream_accepted.inc();
+        ctx.m.accepted.inc();
         let ctx = ctx.clone();
         let kill = kill.clone();
         tracker.spawn(async move {
-            ctx.metrics.upstream_active.inc();
+            ctx.m.active.inc();
             let report = handle(&ctx, stream, peer, &kill).await;
-            ctx.metrics.upstream_active.dec();
+            ctx.m.active.dec();
+            ctx.metrics
+                .closed("upstream", &ctx.name, report.outcome.label());
             report.log();
         });
     }
@@ -95,7 +99,7 @@ async fn handle(
         })
         .await;
         if let Err(e) = waited {
-            ctx.metrics.upstream_unavailable.inc();
+            ctx.m.unavailable.inc();
             report.fail(
                 Phase::Pick,
                 format!("waiting for the first list of instances: {e}"),
@@ -105,7 +109,7 @@ async fn handle(
     }
     let candidates = ctx.balancer.candidates(ctx.attempts as usize);
     if candidates.is_empty() {
-        ctx.metrics.upstream_unavailable.inc();
+        ctx.m.unavailable.inc();
         report.fail(Phase::Pick, "no healthy instances");
         return report;
     }
@@ -118,7 +122,7 @@ async fn handle(
         }
         report.attempts += 1;
         if report.attempts > 1 {
-            ctx.metrics.upstream_retries.inc();
+            ctx.m.retries.inc();
         }
         let attempt = async {
             let tcp = net::bounded(
@@ -149,8 +153,8 @@ async fn handle(
                     .and_then(|c| crate::identity::peer_identity(c).ok())
                     .map(|p| p.id.to_string());
                 let done = splice(&mut local, &mut tls, ctx.idle_timeout, kill).await;
-                ctx.metrics.upstream_bytes_out.add(done.a_to_b);
-                ctx.metrics.upstream_bytes_in.add(done.b_to_a);
+                ctx.m.bytes_out.add(done.a_to_b);
+                ctx.m.bytes_in.add(done.b_to_a);
                 report.spliced(done, "local app", "upstream");
                 return report;
             }
@@ -159,9 +163,9 @@ async fn handle(
                     report.fail(phase, "proxy shutting down");
                     return report;
                 }
-                ctx.metrics.upstream_attempt_failed.inc();
+                ctx.m.attempt_failed.inc();
                 if let Failure::Ejected(n) = ctx.balancer.report_failure(&inst) {
-                    ctx.metrics.upstream_ejections.inc();
+                    ctx.m.ejections.inc();
                     tracing::warn!(upstream = %ctx.name, instance = %inst.addr, consecutive_failures = n, "instance ejected");
                 }
                 report.phase = phase;
@@ -169,7 +173,7 @@ async fn handle(
             }
         }
     }
-    ctx.metrics.upstream_unavailable.inc();
+    ctx.m.unavailable.inc();
     let phase = report.phase;
     report.fail(
         phase,

@@ -185,22 +185,22 @@ impl Inbound {
             );
 
             let mut want = before;
-            let (counter, target) = match at {
+            let m = self.ferry.metrics();
+            let counted: Box<dyn Fn() -> bool + '_> = match at {
                 RefusedAt::Handshake => {
                     want.handshake_failed += 1;
-                    (
-                        &self.ferry.metrics().inbound_handshake_failed,
-                        want.handshake_failed,
-                    )
+                    let target = want.handshake_failed;
+                    Box::new(move || m.inbound_handshake_failed.get() >= target)
                 }
                 RefusedAt::Intentions => {
                     want.denied += 1;
-                    (&self.ferry.metrics().authz_denied, want.denied)
+                    let target = want.denied;
+                    Box::new(move || m.authz_denied.get() >= target)
                 }
             };
             eventually(
                 &format!("{name}: ferry to count a refusal at {at:?}"),
-                || counter.get() >= target,
+                counted,
             )
             .await;
             self.settle(name).await;
