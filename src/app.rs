@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Admin};
 use crate::authz::{AgentAuthorizer, Authorizer};
 use crate::balancer::{Balancer, EjectionPolicy, InstanceState};
 use crate::config::agent::ProxyIdentity;
@@ -68,6 +69,10 @@ pub enum StartError {
 pub struct Running {
     /// Where the public mTLS listener is bound, if there is one.
     pub inbound: Option<SocketAddr>,
+    /// Where the admin listener is bound, if there is one.
+    pub admin: Option<SocketAddr>,
+    /// What the admin endpoints report on.
+    admin_state: Arc<Admin>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// The upstream listeners, which registration mode changes at runtime.
@@ -100,6 +105,21 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
         Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
         None => None,
     };
+    // The admin listener comes first, so /ready can say "not yet" while we
+    // wait for the agent.
+    let admin = Arc::new(Admin::new(metrics.clone()));
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin {
+        let listener = bind("-admin-addr", addr).await?;
+        admin_addr = Some(listener.local_addr().unwrap_or(addr));
+        tracing::info!(listen = %admin_addr.unwrap_or(addr), "admin listener ready (/metrics /ready /live /status)");
+        control.spawn(admin::serve(
+            listener,
+            admin.clone(),
+            control.clone(),
+            halt.clone(),
+        ));
+    }
 
     // Registration mode: the registration says what to do.
     let mut registration_rx = None;
@@ -209,6 +229,8 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
 
     let mut running = Running {
         inbound: None,
+        admin: admin_addr,
+        admin_state: admin.clone(),
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
         credentials: creds_tx,
@@ -269,6 +291,14 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
             running.registration = Some((client.clone(), reg, beat));
         }
     }
+
+    admin.set_status(status_fn(
+        config.service.clone(),
+        running.inbound,
+        creds_rx.clone(),
+        upstreams.clone(),
+    ));
+    admin.set_ready(true);
 
     // Registration mode: keep the upstream listeners in line with it.
     if let Some((mut rx, mut current)) = registration_rx {
@@ -594,6 +624,45 @@ impl UpstreamSet {
     }
 }
 
+/// The `/status` document: identity, leaf, roots, listeners, instances.
+fn status_fn(
+    service: String,
+    inbound: Option<SocketAddr>,
+    credentials: watch::Receiver<Arc<Credentials>>,
+    upstreams: Arc<UpstreamSet>,
+) -> admin::StatusFn {
+    Box::new(move || {
+        let c = credentials.borrow().clone();
+        let ups: Vec<serde_json::Value> = upstreams
+            .lock()
+            .iter()
+            .map(|(name, h)| {
+                let instances: Vec<serde_json::Value> = h
+                    .balancer
+                    .states()
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "address": i.addr.to_string(),
+                            "consecutive_failures": i.consecutive_failures,
+                            "state": if i.ejected { "ejected" } else { "in rotation" },
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "name": name, "listen": h.addr.to_string(), "instances": instances })
+            })
+            .collect();
+        serde_json::json!({
+            "service": service,
+            "identity": c.identity.id.to_string(),
+            "leaf": { "serial": c.identity.serial, "not_after_unix": c.leaf_not_after },
+            "roots": c.root_count(),
+            "inbound": inbound.map(|a| a.to_string()),
+            "upstreams": ups,
+        })
+    })
+}
+
 /// Puts new credentials in use for new connections, and says so in metrics.
 fn install(tx: &watch::Sender<Arc<Credentials>>, metrics: &Metrics, c: Arc<Credentials>) {
     metrics.leaf_expiry.set(c.leaf_not_after);
@@ -639,6 +708,8 @@ impl Running {
     /// connections finish for up to `grace`, closes the rest, then stops the
     /// control plane. Returns true if every connection finished on its own.
     pub async fn shutdown(self, grace: Duration) -> bool {
+        // Not ready any more: health checks stop sending work first.
+        self.admin_state.set_ready(false);
         // Deregister first, so the catalog stops sending traffic our way
         // while we drain.
         if let Some((client, reg, beat)) = &self.registration {

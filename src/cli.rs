@@ -227,11 +227,17 @@ pub struct ProxyArgs {
           default_value = "false", default_missing_value = "true", value_parser = go_bool)]
     pub log_json: bool,
 
-    /// Accepted for compatibility and ignored with a warning: Consul serves Go's
-    /// pprof profiles on this HOST:PORT (or :PORT), which has no Rust
-    /// equivalent. Default: none (disabled).
+    /// Consul serves Go's pprof profiles here; ferry has none, and serves
+    /// its admin endpoints (see -admin-addr) on this address instead, unless
+    /// -admin-addr is also given. Default: none (disabled).
     #[arg(long, value_name = "HOST:PORT")]
     pub pprof_addr: Option<String>,
+
+    /// Admin listener: /metrics (Prometheus), /ready, /live, /status.
+    /// Plain HTTP: keep it on loopback or a management network.
+    /// Default: none (disabled).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub admin_addr: Option<String>,
 
     /// How to reach the local Consul agent.
     #[command(flatten)]

@@ -26,6 +26,7 @@
 //! - [`certs`]: the development CA behind `ferry certs`, tests and benches.
 //! - [`demo`]: `ferry demo`, the local mesh walk-through.
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod balancer;

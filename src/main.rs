@@ -106,8 +106,9 @@ fn proxy(args: ProxyArgs) -> ExitCode {
 /// nothing here, each with the reason, for a startup warning.
 fn ignored_flags(args: &ProxyArgs) -> Vec<&'static str> {
     let mut ignored = Vec::new();
-    if args.pprof_addr.as_deref().is_some_and(|a| !a.is_empty()) {
-        ignored.push("-pprof-addr is ignored: it serves Go's pprof profiles in Consul, which have no equivalent in ferry");
+    let pprof = args.pprof_addr.as_deref().is_some_and(|a| !a.is_empty());
+    if pprof && args.admin_addr.is_some() {
+        ignored.push("-pprof-addr is ignored: -admin-addr is set (ferry has no Go pprof; -pprof-addr alone serves the admin endpoints)");
     }
     if args.agent.stale {
         ignored.push("-stale is ignored, as in Consul: it is declared for this command but never applied to the proxy's queries");

@@ -169,6 +169,8 @@ pub struct Config {
     pub certs: CertSource,
     /// How to reach the agent, when one is used.
     pub agent: Option<AgentConfig>,
+    /// The admin listener (`-admin-addr`, or `-pprof-addr` alone).
+    pub admin: Option<SocketAddr>,
     /// `-register`: register with the agent, with this `-register-id` suffix.
     pub register: Option<Option<String>>,
     /// Registration mode (`-proxy-id`/`-sidecar-for`): the service, public
@@ -230,6 +232,12 @@ impl Config {
         let reauthorize_interval =
             nonzero_duration("-reauthorize-interval", args.reauthorize_interval.0)?;
 
+        let admin = match (&args.admin_addr, &args.pprof_addr) {
+            (Some(a), _) => Some(parse_addr("-admin-addr", a)?),
+            (None, Some(p)) if !p.is_empty() => Some(parse_addr("-pprof-addr", p)?),
+            _ => None,
+        };
+
         let identity = ProxyIdentity::resolve(args, env);
         if identity != ProxyIdentity::None {
             if standalone {
@@ -258,6 +266,7 @@ impl Config {
                 certs: CertSource::Agent,
                 agent: Some(AgentConfig::resolve(&args.agent, env)?),
                 register: None,
+                admin,
                 sidecar: Some(identity),
                 authz_fallback_window,
                 reauthorize_interval,
@@ -405,6 +414,7 @@ impl Config {
             certs,
             agent,
             register,
+            admin,
             sidecar: None,
             authz_fallback_window,
             reauthorize_interval,
@@ -454,8 +464,13 @@ pub fn read_cert_dir(dir: &Path, service: &str) -> Result<PemBundle, ConfigError
 
 /// `-listen HOST:PORT`; an empty host means every address, as in Consul.
 fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    parse_addr("-listen", s)
+}
+
+/// A listen address for `flag`: `HOST:PORT`, or `:PORT` for every address.
+fn parse_addr(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     let bad = |why: &str| ConfigError::BadAddr {
-        flag: "-listen",
+        flag,
         value: s.to_string(),
         why: why.to_string(),
     };
@@ -466,7 +481,7 @@ fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    resolve("-listen", s)
+    resolve(flag, s)
 }
 
 fn check_host_port(flag: &'static str, s: &str) -> Result<String, ConfigError> {
