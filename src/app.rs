@@ -286,6 +286,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
                 client.clone(),
                 reg.clone(),
                 watch_policy.heartbeat,
+                creds_rx.clone(),
                 beat.clone(),
             ));
             running.registration = Some((client.clone(), reg, beat));

@@ -173,6 +173,14 @@ impl std::fmt::Debug for IssuedCert {
     }
 }
 
+/// A TTL check's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckStatus {
+    Passing,
+    Warning,
+    Critical,
+}
+
 /// The body of `POST /v1/agent/connect/authorize` (spec §1.3). The agent
 /// rejects unknown fields, so this has exactly the CE ones.
 #[derive(Debug, Clone, Serialize)]
@@ -514,9 +522,20 @@ impl AgentClient {
         self.put::<()>("deregister", &path, &[], None).await
     }
 
-    /// Marks TTL check `id` passing, with `note` as its output.
-    pub async fn check_pass(&self, id: &str, note: &str) -> Result<(), AgentError> {
-        let path = format!("/v1/agent/check/pass/{}", path_segment(id));
+    /// Sets TTL check `id` to `status` with `note` as its output, resetting
+    /// its TTL.
+    pub async fn check_ttl(
+        &self,
+        id: &str,
+        status: CheckStatus,
+        note: &str,
+    ) -> Result<(), AgentError> {
+        let verb = match status {
+            CheckStatus::Passing => "pass",
+            CheckStatus::Warning => "warn",
+            CheckStatus::Critical => "fail",
+        };
+        let path = format!("/v1/agent/check/{verb}/{}", path_segment(id));
         self.put::<()>("heartbeat", &path, &[("note", note.to_string())], None)
             .await
     }

@@ -10,7 +10,12 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::{AgentClient, AgentError};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::consul::{AgentClient, AgentError, CheckStatus};
+use crate::tls::Credentials;
 
 /// The check's TTL, as Consul's proxy registers it.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -122,16 +127,29 @@ pub async fn keep(
     client: AgentClient,
     reg: Registration,
     every: Duration,
+    credentials: watch::Receiver<Arc<Credentials>>,
     cancel: CancellationToken,
 ) {
     let check = reg.check_id();
     let mut failing: Option<String> = None;
+    let mut last_health = CheckStatus::Passing;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let beat = client.check_pass(&check, "ferry is serving").await;
+        let (status, note) = {
+            let c = credentials.borrow();
+            leaf_health(c.leaf_not_before, c.leaf_not_after, unix_now())
+        };
+        if status != last_health {
+            match status {
+                CheckStatus::Passing => tracing::info!(id = %reg.id, "{note}"),
+                _ => tracing::warn!(id = %reg.id, "{note}"),
+            }
+            last_health = status;
+        }
+        let beat = client.check_ttl(&check, status, &note).await;
         let result = match beat {
             Err(e) if e.status() == Some(404) => {
                 tracing::warn!(id = %reg.id, "the agent lost our registration; registering again");
@@ -155,6 +173,36 @@ pub async fn keep(
     }
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What the TTL check should say about the leaf. The agent renews a leaf
+/// between 60 % and 90 % of its lifetime; one past 90 % that has not been
+/// replaced means renewal is failing (usually: the agent is unreachable), so
+/// the check turns warning, and critical once the leaf has expired — new
+/// connections would then fail their handshakes anyway.
+pub fn leaf_health(not_before: i64, not_after: i64, now: i64) -> (CheckStatus, String) {
+    let left = not_after - now;
+    if left <= 0 {
+        return (
+            CheckStatus::Critical,
+            format!("leaf certificate expired {}s ago and has not been renewed (is the agent reachable?)", -left),
+        );
+    }
+    let lifetime = (not_after - not_before).max(1);
+    if left * 10 < lifetime {
+        return (
+            CheckStatus::Warning,
+            format!("leaf certificate expires in {left}s and has not been renewed (is the agent reachable?)"),
+        );
+    }
+    (CheckStatus::Passing, "ferry is serving".to_string())
+}
+
 /// Deregisters: up to three attempts, 500 ms apart, as Consul's proxy does.
 pub async fn deregister(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
     let mut last = None;
@@ -175,6 +223,24 @@ pub async fn deregister(client: &AgentClient, reg: &Registration) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_turns_warning_past_ninety_percent_and_critical_at_expiry() {
+        // A 100 s leaf from t=1000 to t=1100.
+        let cases = [
+            (1000, CheckStatus::Passing),
+            (1089, CheckStatus::Passing),
+            (1091, CheckStatus::Warning),
+            (1099, CheckStatus::Warning),
+            (1100, CheckStatus::Critical),
+            (5000, CheckStatus::Critical),
+        ];
+        for (now, want) in cases {
+            let (status, note) = leaf_health(1000, 1100, now);
+            assert_eq!(status, want, "at {now}: {note}");
+        }
+        assert!(leaf_health(1000, 1100, 1095).1.contains("not been renewed"));
+    }
 
     #[test]
     fn registration_follows_consuls_scheme() {

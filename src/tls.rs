@@ -101,6 +101,8 @@ impl std::fmt::Debug for PemBundle {
 pub struct Credentials {
     /// Our own identity, from the leaf.
     pub identity: PeerIdentity,
+    /// Start of the leaf's validity, seconds since the Unix epoch.
+    pub leaf_not_before: i64,
     /// End of the leaf's validity, seconds since the Unix epoch.
     pub leaf_not_after: i64,
     roots: Arc<RootCertStore>,
@@ -191,14 +193,20 @@ impl Credentials {
                 found: identity.id.service.clone(),
             });
         }
-        let leaf_not_after = x509_parser::parse_x509_certificate(leaf)
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .unwrap_or(0);
+        let (leaf_not_before, leaf_not_after) = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| {
+                (
+                    c.validity().not_before.timestamp(),
+                    c.validity().not_after.timestamp(),
+                )
+            })
+            .unwrap_or((0, 0));
 
         let trust_domain = identity.id.trust_domain.clone();
         let server = server_config(&provider, &roots, &certified, &trust_domain)?;
         Ok(Credentials {
             identity,
+            leaf_not_before,
             leaf_not_after,
             roots,
             certified,
