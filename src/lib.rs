@@ -3,26 +3,37 @@
 //! Data flows one way through the modules:
 //!
 //! ```text
-//! argv ─► cli ─► config (validated once; certificates read and checked)
-//!                   │
-//!                   ▼
-//!                  app::start ─ binds listeners, owns every task
-//!          ┌────────┴─────────────────────────┐
-//!   inbound (mTLS in)                  upstream (plain in, mTLS out)
-//!   handshake ─► identity ─► authz      balancer ─► dial ─► handshake ─► identity
-//!          └──► dial local app               │
-//!                   └────────► splice ◄──────┘   (both ways, half-close, counts)
+//! argv/env ─► cli ─► config (validated once, before anything binds)
+//!                      │
+//!                      ▼
+//!                 app::start ─ owns every task; binds admin, then waits for
+//!                      │        certificates, then binds the listeners
+//!   control plane      │                         data plane
+//!   (agent mode)       │
+//!   consul (HTTP) ◄─ watch ◄─ control: roots+leaf ─► tls::Credentials ──┐
+//!                            control: health ─► balancer                │
+//!                            sidecar: registration ─► upstream set      │
+//!                            revoke: intention changes ─► live conns    │
+//!                            register: -register heartbeat              ▼
+//!                                        inbound (mTLS in): handshake ─► identity ─► authz ─► dial app ─┐
+//!                                        upstream (plain in): balancer ─► dial ─► handshake ─► identity ─┤
+//!                                                                                 splice ◄───────────────┘
 //! ```
 //!
-//! - [`cli`]: the command line, Go-flag compatible with `consul connect proxy`.
-//! - [`config`]: what the proxy will do, validated before anything binds.
+//! - [`cli`]: the command line, flag for flag with `consul connect proxy`.
+//! - [`config`]: what the proxy will do; [`config::agent`]: reaching the agent.
+//! - [`consul`]: the agent's HTTP API (the only module that knows URLs).
+//! - [`watch`]: the blocking-query loop; [`control`]: roots, leaf and
+//!   instance watchers; [`sidecar`]: registration mode; [`register`]:
+//!   `-register`; [`revoke`]: closing connections intentions no longer allow.
 //! - [`identity`]: SPIFFE IDs, Consul serials, SNI, reading peer certificates.
 //! - [`tls`]: validated credentials and the mesh verifiers for both directions.
-//! - [`authz`]: intentions (who may connect).
+//! - [`authz`]: intentions, static or from the agent.
 //! - [`balancer`]: round robin with passive ejection.
 //! - [`inbound`], [`upstream`]: the two listeners; [`splice`]: moving bytes;
 //!   [`net`]: sockets and phase timeouts; [`conn`]: the per-connection log line.
-//! - [`metrics`]: counters at each decision point.
+//! - [`metrics`]: counters and gauges; [`admin`]: `/metrics`, `/ready`,
+//!   `/live`, `/status`.
 //! - [`certs`]: the development CA behind `ferry certs`, tests and benches.
 //! - [`demo`]: `ferry demo`, the local mesh walk-through.
 
