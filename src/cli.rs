@@ -22,6 +22,10 @@
 //! [`ProxyIdentity::resolve`](crate::config::agent::ProxyIdentity::resolve)
 //! through the `Env` trait, so tests never touch the process environment.
 
+// The doc comments of the flags are their --help text, written for a
+// terminal: <placeholders> and [optional] parts are meant literally.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

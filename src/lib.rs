@@ -30,7 +30,7 @@
 //! - [`tls`]: validated credentials and the mesh verifiers for both directions.
 //! - [`authz`]: intentions, static or from the agent.
 //! - [`balancer`]: round robin with passive ejection.
-//! - [`inbound`], [`upstream`]: the two listeners; [`splice`]: moving bytes;
+//! - `inbound`, `upstream`: the two listeners; [`splice`]: moving bytes;
 //!   [`net`]: sockets and phase timeouts; [`conn`]: the per-connection log line.
 //! - [`metrics`]: counters and gauges; [`admin`]: `/metrics`, `/ready`,
 //!   `/live`, `/status`.
