@@ -27,3 +27,5 @@ mod nomad_jobs;
 mod registration;
 // ferry with a Consul agent: certificates, instances, intentions and agent trouble, against the fake agent.
 mod consul_mode;
+// Admin endpoints (/metrics, /ready, /live, /status), drain on shutdown and signals, access-log fields, TTL check vs leaf lifetime.
+mod operability;

@@ -548,3 +548,40 @@ impl Drop for FerryProcess {
         let _ = self.child.wait();
     }
 }
+
+impl FerryProcess {
+    /// The child's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, ...) to this child, by its PID.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}", self.pid());
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits (async, polling every 10 ms) up to `limit` for the process to
+    /// exit; panics if it is still running then.
+    pub async fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("ferry (pid {}) still running after {limit:?}", self.pid());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
