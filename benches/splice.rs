@@ -30,7 +30,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
-use ferry::splice::{splice, Spliced};
+use ferry::splice::{splice, Spliced, Timers};
 use tokio::io::{duplex, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -86,7 +86,7 @@ where
 {
     let cancel = CancellationToken::new();
     let token = cancel.clone();
-    let task = rt.spawn(async move { splice(&mut a, &mut b, None, &token).await });
+    let task = rt.spawn(async move { splice(&mut a, &mut b, Timers::default(), &token).await });
     (cancel, task)
 }
 

@@ -31,10 +31,12 @@ use crate::config::{
 use crate::consul::{AgentClient, AgentError};
 use crate::control;
 use crate::identity::SpiffeId;
+use crate::limits::Limit;
 use crate::metrics::Metrics;
 use crate::register::{self, Registration};
 use crate::revoke::{self, LiveConns, Revoker};
 use crate::sidecar::{self, SidecarConfig};
+use crate::splice::Timers;
 use crate::tls::Credentials;
 use crate::watch::{backoff, WatchPolicy};
 use crate::{inbound, upstream};
@@ -200,7 +202,11 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
         metrics: metrics.clone(),
         timeouts: config.timeouts,
         attempts: config.upstream_attempts,
-        idle_timeout: config.idle_timeout,
+        timers: Timers {
+            idle: config.idle_timeout,
+            lifetime: config.max_lifetime,
+        },
+        max_conns: config.limits.upstream_conns,
         ejection: config.ejection,
         policy: watch_policy,
         stop: stop.clone(),
@@ -259,7 +265,22 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
             authz,
             credentials: creds_rx.clone(),
             timeouts: config.timeouts,
-            idle_timeout: config.idle_timeout,
+            timers: Timers {
+                idle: config.idle_timeout,
+                lifetime: config.max_lifetime,
+            },
+            conn_limit: Limit::new(
+                config.limits.conns,
+                "-max-conns",
+                "inbound",
+                metrics.refusals("inbound", "max_conns"),
+            ),
+            handshake_limit: Limit::new(
+                config.limits.handshakes,
+                "-max-handshakes",
+                "inbound",
+                metrics.refusals("inbound", "max_handshakes"),
+            ),
             metrics: metrics.clone(),
             live,
         });
@@ -464,7 +485,9 @@ struct UpstreamSet {
     metrics: Arc<Metrics>,
     timeouts: Timeouts,
     attempts: u32,
-    idle_timeout: Option<Duration>,
+    timers: Timers,
+    /// `-max-upstream-conns`, for each upstream listener.
+    max_conns: usize,
     ejection: EjectionPolicy,
     policy: WatchPolicy,
     stop: CancellationToken,
@@ -509,7 +532,13 @@ impl UpstreamSet {
             credentials: self.credentials.clone(),
             attempts: self.attempts,
             timeouts,
-            idle_timeout: self.idle_timeout,
+            timers: self.timers,
+            conn_limit: Limit::new(
+                self.max_conns,
+                "-max-upstream-conns",
+                &u.name,
+                self.metrics.refusals(&u.name, "max_upstream_conns"),
+            ),
             metrics: self.metrics.clone(),
             m,
         });

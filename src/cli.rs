@@ -215,6 +215,30 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     pub reauthorize_interval: GoDuration,
 
+    /// Most inbound connections open at once; more are refused at accept
+    /// (0: no limit). Default 1024: at up to about 64 KiB each (buffers and
+    /// TLS state) that is 64 MiB, within a sidecar's usual 128 MB, and far
+    /// above what one service instance normally holds.
+    #[arg(long, default_value = "1024", value_name = "N")]
+    pub max_conns: usize,
+
+    /// Most connections open at once per upstream listener (0: no limit).
+    /// Default 1024, for the same reason as -max-conns.
+    #[arg(long, default_value = "1024", value_name = "N")]
+    pub max_upstream_conns: usize,
+
+    /// Most inbound TLS handshakes in progress at once; more connections are
+    /// refused at accept (0: no limit). Default 128: a handshake costs about
+    /// a quarter of a millisecond of CPU, so 128 is far more than one core
+    /// finishes in a handshake timeout's worth of honest traffic, while a
+    /// flood of clients that never finish cannot tie up more than that.
+    #[arg(long, default_value = "128", value_name = "N")]
+    pub max_handshakes: usize,
+
+    /// Close any connection this long after it started (0: never).
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub max_lifetime: GoDuration,
+
     /// On SIGINT/SIGTERM, how long open connections may finish before they
     /// are closed. Default 4s: just under Nomad's default 5s kill_timeout, so
     /// the drain ends before Nomad escalates to SIGKILL.

@@ -118,6 +118,7 @@ impl Report {
         match s.end {
             End::Closed => self.detail = format!("closed{trunc}"),
             End::Idle => self.detail = "idle timeout".into(),
+            End::Lifetime => self.detail = "maximum lifetime reached".into(),
             End::Cancelled => self.detail = "proxy shutting down".into(),
             End::Error(leg, e) => {
                 let side = if leg == Leg::A { a_name } else { b_name };

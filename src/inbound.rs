@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,10 +23,11 @@ use crate::authz::Authorizer;
 use crate::config::Timeouts;
 use crate::conn::{Direction, Outcome, Report};
 use crate::identity::peer_identity;
+use crate::limits::Limit;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::net::{self, Phase};
 use crate::revoke::LiveConns;
-use crate::splice::splice;
+use crate::splice::{splice, Timers};
 use crate::tls::Credentials;
 
 /// What every inbound connection shares.
@@ -36,7 +38,12 @@ pub(crate) struct Inbound {
     /// Latest credentials; each connection takes the current one at accept.
     pub credentials: watch::Receiver<Arc<Credentials>>,
     pub timeouts: Timeouts,
-    pub idle_timeout: Option<Duration>,
+    /// Idle timeout and maximum lifetime of a connection.
+    pub timers: Timers,
+    /// `-max-conns`: held for a connection's whole life.
+    pub conn_limit: Limit,
+    /// `-max-handshakes`: held until the handshake is done.
+    pub handshake_limit: Limit,
     pub metrics: Arc<Metrics>,
     /// Live connections, when decisions can change under them (agent mode).
     pub live: Option<Arc<LiveConns>>,
@@ -53,12 +60,21 @@ pub(crate) async fn serve(
 ) {
     while let Some((stream, peer)) = net::accept(&listener, &stop, "inbound").await {
         ctx.metrics.inbound_accepted.inc();
+        // Limits are taken here, before a task exists: a refused connection
+        // costs an accept and a close, nothing more.
+        let Some(conn_permit) = ctx.conn_limit.try_take() else {
+            continue;
+        };
+        let Some(handshake_permit) = ctx.handshake_limit.try_take() else {
+            continue;
+        };
         let ctx = ctx.clone();
         let kill = kill.clone();
         tracker.spawn(async move {
             ctx.metrics.inbound_active.inc();
-            let report = handle(&ctx, stream, peer, &kill).await;
+            let report = handle(&ctx, stream, peer, &kill, handshake_permit).await;
             ctx.metrics.inbound_active.dec();
+            drop(conn_permit);
             ctx.metrics
                 .closed("inbound", &ctx.service, report.outcome.label());
             report.log();
@@ -71,6 +87,7 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     kill: &CancellationToken,
+    handshake_permit: OwnedSemaphorePermit,
 ) -> Report {
     let credentials = ctx.credentials.borrow().clone();
     let mut report = Report::new(
@@ -92,6 +109,7 @@ async fn handle(
             return report;
         }
     };
+    drop(handshake_permit);
 
     report.phase = Phase::Authorize;
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
@@ -151,7 +169,7 @@ async fn handle(
         .as_ref()
         .map(|l| l.register(identity, kill.child_token()));
     let cancel = live.as_ref().map_or(kill, |l| &l.close);
-    let done = splice(&mut tls, &mut app, ctx.idle_timeout, cancel).await;
+    let done = splice(&mut tls, &mut app, ctx.timers, cancel).await;
     ctx.metrics.inbound_bytes_in.inc_by(done.a_to_b);
     ctx.metrics.inbound_bytes_out.inc_by(done.b_to_a);
     report.spliced(done, "peer", "local app");

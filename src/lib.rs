@@ -50,6 +50,7 @@ pub mod control;
 pub mod demo;
 pub mod identity;
 mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod register;

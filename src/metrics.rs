@@ -50,6 +50,15 @@ pub struct ClosedLabel {
     pub outcome: &'static str,
 }
 
+/// Labels for a connection refused by a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `inbound` or the upstream's name.
+    pub listener: String,
+    /// The flag of the limit: `max_conns`, `max_upstream_conns`, `max_handshakes`.
+    pub limit: &'static str,
+}
+
 /// Labels for agent request errors.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
@@ -190,6 +199,8 @@ pub struct Metrics {
     pub inbound_bytes_out: Counter,
     /// Connections closed, by direction, service and outcome.
     pub closed: Family<ClosedLabel, Counter>,
+    /// Connections refused by a limit, by listener and limit.
+    pub refused: Family<RefusedLabel, Counter>,
     /// Upstream connections accepted from the local app.
     pub upstream_accepted: Labeled<UpstreamLabel>,
     /// Upstream connections open now.
@@ -254,6 +265,7 @@ impl Metrics {
             inbound_bytes_in: Counter::default(),
             inbound_bytes_out: Counter::default(),
             closed: Family::default(),
+            refused: Family::default(),
             upstream_accepted: Labeled::default(),
             upstream_active: LabeledGauge::default(),
             upstream_attempt_failed: Labeled::default(),
@@ -309,6 +321,11 @@ impl Metrics {
             "connections_closed",
             "Connections closed, by direction, service and outcome",
             m.closed.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused by a limit (-max-conns, -max-upstream-conns, -max-handshakes)",
+            m.refused.clone(),
         );
         r.register(
             "upstream_connections_accepted",
@@ -389,6 +406,14 @@ impl Metrics {
             bytes_in: self.upstream_bytes_in.handle(&l),
             instances: self.upstream_instances.handle(&l),
         }
+    }
+
+    /// The refusal counter for `limit` on `listener`.
+    pub fn refusals(&self, listener: &str, limit: &'static str) -> Counter {
+        self.refused.get_or_create_owned(&RefusedLabel {
+            listener: listener.to_string(),
+            limit,
+        })
     }
 
     /// Counts one closed connection.

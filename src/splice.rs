@@ -43,6 +43,8 @@ pub enum End {
     Closed,
     /// No byte moved either way for the idle timeout.
     Idle,
+    /// The connection reached its maximum lifetime.
+    Lifetime,
     /// The proxy is shutting down.
     Cancelled,
     /// A read or write failed on one leg.
@@ -62,12 +64,21 @@ pub struct Spliced {
     pub end: End,
 }
 
+/// Optional bounds on a splice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timers {
+    /// End when no byte has moved either way for this long.
+    pub idle: Option<Duration>,
+    /// End this long after the splice started, whatever is happening.
+    pub lifetime: Option<Duration>,
+}
+
 /// Copies between `a` and `b` in both directions until both are finished, a
-/// leg fails, no byte moves for `idle` (if set), or `cancel` fires.
+/// leg fails, a timer in `timers` expires, or `cancel` fires.
 pub async fn splice<A, B>(
     a: &mut A,
     b: &mut B,
-    idle: Option<Duration>,
+    timers: Timers,
     cancel: &CancellationToken,
 ) -> Spliced
 where
@@ -78,11 +89,17 @@ where
     let mut ba = Pipe::new();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let mut idle = idle.map(IdleTimer::new);
+    let mut idle = timers.idle.map(IdleTimer::new);
+    let mut lifetime = timers.lifetime.map(|d| Box::pin(tokio::time::sleep(d)));
 
     let end = std::future::poll_fn(|cx| {
         if cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Cancelled);
+        }
+        if let Some(l) = lifetime.as_mut() {
+            if l.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Lifetime);
+            }
         }
         let mut progressed = false;
         if !ab.done {
@@ -260,7 +277,8 @@ mod tests {
         let (mut client, mut a) = duplex(1024);
         let (mut b, mut server) = duplex(1024);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(async move { splice(&mut a, &mut b, None, &cancel).await });
+        let task =
+            tokio::spawn(async move { splice(&mut a, &mut b, Timers::default(), &cancel).await });
 
         client.write_all(b"ping").await.unwrap();
         client.shutdown().await.unwrap();
@@ -288,11 +306,38 @@ mod tests {
         let (mut b, _server) = duplex(64);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(async move {
-            splice(&mut a, &mut b, Some(Duration::from_secs(30)), &cancel).await
+            splice(
+                &mut a,
+                &mut b,
+                Timers {
+                    idle: Some(Duration::from_secs(30)),
+                    lifetime: None,
+                },
+                &cancel,
+            )
+            .await
         });
         client.write_all(b"x").await.unwrap();
         let done = task.await.unwrap();
         assert!(matches!(done.end, End::Idle), "{:?}", done.end);
+        assert_eq!(done.a_to_b, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifetime_ends_a_busy_splice() {
+        let (mut client, mut a) = duplex(64);
+        let (mut b, mut server) = duplex(64);
+        let cancel = CancellationToken::new();
+        let timers = Timers {
+            idle: None,
+            lifetime: Some(Duration::from_secs(60)),
+        };
+        let task = tokio::spawn(async move { splice(&mut a, &mut b, timers, &cancel).await });
+        client.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        server.read_exact(&mut one).await.unwrap();
+        let done = task.await.unwrap();
+        assert!(matches!(done.end, End::Lifetime), "{:?}", done.end);
         assert_eq!(done.a_to_b, 1);
     }
 
@@ -302,7 +347,8 @@ mod tests {
         let (mut b, _server) = duplex(64);
         let cancel = CancellationToken::new();
         let c2 = cancel.clone();
-        let task = tokio::spawn(async move { splice(&mut a, &mut b, None, &c2).await });
+        let task =
+            tokio::spawn(async move { splice(&mut a, &mut b, Timers::default(), &c2).await });
         cancel.cancel();
         let done = task.await.unwrap();
         assert!(matches!(done.end, End::Cancelled), "{:?}", done.end);

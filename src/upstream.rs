@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -23,9 +22,10 @@ use tokio_util::task::TaskTracker;
 use crate::balancer::{Balancer, Failure};
 use crate::config::Timeouts;
 use crate::conn::{Direction, Report};
+use crate::limits::Limit;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::net::{self, Phase};
-use crate::splice::splice;
+use crate::splice::{splice, Timers};
 use crate::tls::Credentials;
 
 /// What every connection of one upstream listener shares.
@@ -35,7 +35,10 @@ pub(crate) struct Upstream {
     pub credentials: watch::Receiver<Arc<Credentials>>,
     pub attempts: u32,
     pub timeouts: Timeouts,
-    pub idle_timeout: Option<Duration>,
+    /// Idle timeout and maximum lifetime of a connection.
+    pub timers: Timers,
+    /// `-max-upstream-conns`: held for a connection's whole life.
+    pub conn_limit: Limit,
     pub metrics: Arc<Metrics>,
     /// This upstream's labelled series, resolved once.
     pub m: UpstreamMetrics,
@@ -52,12 +55,16 @@ pub(crate) async fn serve(
 ) {
     while let Some((stream, peer)) = net::accept(&listener, &stop, &ctx.name).await {
         ctx.m.accepted.inc();
+        let Some(permit) = ctx.conn_limit.try_take() else {
+            continue;
+        };
         let ctx = ctx.clone();
         let kill = kill.clone();
         tracker.spawn(async move {
             ctx.m.active.inc();
             let report = handle(&ctx, stream, peer, &kill).await;
             ctx.m.active.dec();
+            drop(permit);
             ctx.metrics
                 .closed("upstream", &ctx.name, report.outcome.label());
             report.log();
@@ -152,7 +159,7 @@ async fn handle(
                     .and_then(|c| c.first())
                     .and_then(|c| crate::identity::peer_identity(c).ok())
                     .map(|p| p.id.to_string());
-                let done = splice(&mut local, &mut tls, ctx.idle_timeout, kill).await;
+                let done = splice(&mut local, &mut tls, ctx.timers, kill).await;
                 ctx.m.bytes_out.add(done.a_to_b);
                 ctx.m.bytes_in.add(done.b_to_a);
                 report.spliced(done, "local app", "upstream");

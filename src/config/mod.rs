@@ -192,6 +192,21 @@ pub struct Config {
     pub ejection: EjectionPolicy,
     /// Close connections idle this long (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Close connections this long after they started (None: never).
+    pub max_lifetime: Option<Duration>,
+    /// Caps on concurrent connections and handshakes.
+    pub limits: Limits,
+}
+
+/// Caps on what a flood can make ferry hold (0: no cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `-max-conns`: inbound connections open at once.
+    pub conns: usize,
+    /// `-max-upstream-conns`: connections open at once per upstream.
+    pub upstream_conns: usize,
+    /// `-max-handshakes`: inbound TLS handshakes in progress at once.
+    pub handshakes: usize,
 }
 
 impl Config {
@@ -228,6 +243,12 @@ impl Config {
             duration: args.eject_for.0,
         };
         let idle_timeout = Some(args.idle_timeout.0).filter(|d| !d.is_zero());
+        let max_lifetime = Some(args.max_lifetime.0).filter(|d| !d.is_zero());
+        let limits = Limits {
+            conns: args.max_conns,
+            upstream_conns: args.max_upstream_conns,
+            handshakes: args.max_handshakes,
+        };
         let authz_fallback_window = args.authz_fallback_window.0;
         let reauthorize_interval =
             nonzero_duration("-reauthorize-interval", args.reauthorize_interval.0)?;
@@ -276,6 +297,8 @@ impl Config {
                 upstream_attempts: args.upstream_attempts,
                 ejection,
                 idle_timeout,
+                max_lifetime,
+                limits,
             };
             return Ok((config, warnings));
         }
@@ -424,6 +447,8 @@ impl Config {
             upstream_attempts: args.upstream_attempts,
             ejection,
             idle_timeout,
+            max_lifetime,
+            limits,
         };
         Ok((config, warnings))
     }
