@@ -29,3 +29,5 @@ mod registration;
 mod consul_mode;
 // Admin endpoints (/metrics, /ready, /live, /status), drain on shutdown and signals, access-log fields, TTL check vs leaf lifetime.
 mod operability;
+// Connection limits (-max-conns, -max-handshakes, -max-upstream-conns, -max-lifetime): refuse at once, count, log once per burst.
+mod limits;
