@@ -115,6 +115,27 @@ impl SpiffeId {
         {
             return Err(bad("empty segment"));
         }
+        // A segment that decodes to a URI delimiter, a space or a control
+        // character names nothing Consul would issue, and would not print
+        // back to the same ID: refuse it rather than guess.
+        let plain = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'%'))
+        };
+        if ![
+            &id.trust_domain,
+            &id.partition,
+            &id.namespace,
+            &id.datacenter,
+            &id.service,
+        ]
+        .iter()
+        .all(|s| plain(s))
+        {
+            return Err(bad(
+                "a segment holds a delimiter, space or control character",
+            ));
+        }
         Ok(id)
     }
 
@@ -300,6 +321,27 @@ mod tests {
             ),
             ("query", "spiffe://x.consul/ns/default/dc/dc1/svc/web?a=b"),
             ("bad escape", "spiffe://x.consul/ns/default/dc/dc1/svc/w%zz"),
+            // Found by fuzzing: these decoded to IDs that did not print back.
+            (
+                "escaped #",
+                "spiffe://x.consul/ns/default/dc/dc%5F1/svc/my%23svc",
+            ),
+            (
+                "escaped /",
+                "spiffe://x.consul/ns/default/dc/dc%2F1/svc/web",
+            ),
+            (
+                "escaped %",
+                "spiffe://x.consul/ns/default/dc/dc1/svc/w%2541",
+            ),
+            (
+                "space in host",
+                "spiffe://x .consul/ns/default/dc/dc1/svc/web",
+            ),
+            (
+                "escaped space",
+                "spiffe://x.consul/ns/default/dc/dc1/svc/w%20b",
+            ),
             ("empty", ""),
         ];
         for (name, uri) in cases {
