@@ -1,8 +1,9 @@
 # ferry — every entry point a developer or CI needs.
 .DEFAULT_GOAL := help
 CARGO ?= cargo
+SHELL := /bin/bash
 
-.PHONY: help build demo test lint fmt bench certs ci clean deps
+.PHONY: help build demo test lint fmt bench certs ci clean deps fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -34,6 +35,23 @@ bench: ## criterion benchmarks: splice through TLS, mTLS handshake, balancer
 
 certs: ## dev CA and leaves for web, api and billing in certs/
 	$(CARGO) run --quiet -- certs -dir certs web api billing
+
+# Fuzzing: cargo-fuzz normally wants a nightly compiler for its sanitizers.
+# ferry forbids unsafe code, so the fuzzers look for panics, aborts and
+# broken invariants rather than memory errors: no sanitizer (-s none), and
+# RUSTC_BOOTSTRAP lets the stable compiler accept cargo-fuzz's flags.
+# Each target starts from the curated corpus, copied so runs never add to it.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := spiffe_id flags agent_json peer_cert
+fuzz: ## run each fuzz target for FUZZ_SECONDS (default 60)
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); cp fuzz/corpus/$$t/* $$work/; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none $$t $$work -- -max_total_time=$(FUZZ_SECONDS) 2>&1 | grep -E '^(Done|INFO: Seed)|panicked|ERROR|Failing input|Base64' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	  rm -rf $$work; \
+	done
 
 ci: lint test ## what CI runs
 
