@@ -7,7 +7,9 @@ use ferry::cli::{self, GoDuration, UpstreamAddrArg, UpstreamArg};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     let _ = s.parse::<UpstreamArg>();
     let _ = s.parse::<UpstreamAddrArg>();
     if let Ok(d) = s.parse::<GoDuration>() {
