@@ -103,6 +103,8 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
     let halt = CancellationToken::new();
     let conns = TaskTracker::new();
     let control = TaskTracker::new();
+    // If start fails part-way, stop whatever it already spawned.
+    let on_error = (halt.clone().drop_guard(), stop.clone().drop_guard());
     let client = match &config.agent {
         Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
         None => None,
@@ -143,14 +145,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
             halt.clone(),
         ));
         tracing::info!(proxy_id = %proxy_id, "waiting for the proxy registration");
-        let first = loop {
-            if let Some(c) = rx.borrow_and_update().clone() {
-                break c;
-            }
-            if rx.changed().await.is_err() {
-                return Err(StartError::Cancelled);
-            }
-        };
+        let first = first_value(&mut rx).await?;
         apply_registration(&mut config, &first);
         registration_rx = Some((rx, first));
     }
@@ -169,14 +164,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
                 halt.clone(),
             ));
             tracing::info!(service = %config.service, "waiting for certificates from the agent");
-            let first = loop {
-                if let Some(c) = rx.borrow_and_update().clone() {
-                    break c;
-                }
-                if rx.changed().await.is_err() {
-                    return Err(StartError::Cancelled);
-                }
-            };
+            let first = first_value(&mut rx).await?;
             (first, Some(rx))
         }
     };
@@ -321,6 +309,8 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
         upstreams.clone(),
     ));
     admin.set_ready(true);
+    on_error.0.disarm();
+    on_error.1.disarm();
 
     // Registration mode: keep the upstream listeners in line with it.
     if let Some((mut rx, mut current)) = registration_rx {
@@ -338,6 +328,18 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
         });
     }
     Ok(running)
+}
+
+/// Waits for a watcher's first value.
+async fn first_value<T: Clone>(rx: &mut watch::Receiver<Option<T>>) -> Result<T, StartError> {
+    loop {
+        if let Some(v) = rx.borrow_and_update().clone() {
+            return Ok(v);
+        }
+        if rx.changed().await.is_err() {
+            return Err(StartError::Cancelled);
+        }
+    }
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -76,7 +76,15 @@ fn proxy(args: ProxyArgs) -> ExitCode {
     };
     let drain = args.drain_timeout.0;
     runtime.block_on(async move {
-        let running = match ferry::start(config, WatchPolicy::default()).await {
+        // Starting may wait for the agent; a signal meanwhile just ends it.
+        let started = tokio::select! {
+            r = ferry::start(config, WatchPolicy::default()) => r,
+            _ = ferry::signal::shutdown() => {
+                tracing::info!("stopped before serving");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let running = match started {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("{e}");
