@@ -26,6 +26,9 @@ use crate::metrics::{EndpointLabel, Metrics};
 
 /// Extra time beyond `wait + wait/16` before a blocking call is abandoned.
 const BLOCKING_SLACK: Duration = Duration::from_secs(5);
+/// The largest agent reply ferry reads: far above a health answer for
+/// thousands of instances, far below what could hurt a sidecar.
+const MAX_BODY: usize = 64 << 20;
 /// Timeout for calls that do not block.
 const PLAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -351,14 +354,26 @@ impl AgentClient {
             })?;
             let status = resp.status();
             let headers = resp.headers().clone();
-            let body = resp.bytes().await.map_err(|e| AgentError::Unreachable {
+            let mut resp = resp;
+            // Read in chunks under a cap: a broken or hostile agent must not
+            // make ferry buffer without bound.
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| AgentError::Unreachable {
                 endpoint: endpoint.to_string(),
                 why: error_chain(&e),
-            })?;
+            })? {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(AgentError::Malformed {
+                        endpoint: endpoint.to_string(),
+                        why: format!("reply larger than {} MiB", MAX_BODY >> 20),
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
             if !status.is_success() {
                 return Err(status_error(endpoint, status, &body));
             }
-            Ok((headers, bytes_body::Body(body.to_vec())))
+            Ok((headers, bytes_body::Body(body)))
         };
         let result = tokio::time::timeout(timeout, fut)
             .await

@@ -200,3 +200,49 @@ async fn an_agent_certificate_for_another_name_is_refused() {
         agent.call_log()
     );
 }
+
+/// An agent that answers with an endless body (here: chunks forever) gets
+/// cut off at ferry's reply cap with a clear error, instead of being
+/// buffered without bound.
+#[tokio::test]
+async fn an_endless_agent_reply_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _agent = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut req = [0u8; 4096];
+        let _ = s.read(&mut req).await;
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b' '; 1 << 20];
+        let frame = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk,
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        // Bounded: 100 MiB at most, more than the cap; the client hangs up first.
+        for _ in 0..100 {
+            if s.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let args = ferry::cli::AgentArgs {
+        http_addr: Some(url),
+        ..Default::default()
+    };
+    let config = ferry::config::agent::AgentConfig::resolve(&args, &NO_ENV).expect("agent config");
+    let client = ferry::consul::AgentClient::new(&config).expect("client");
+    let blocking = ferry::consul::Blocking {
+        index: 0,
+        wait: std::time::Duration::from_secs(5),
+    };
+    let err = within("the capped read", client.roots(blocking))
+        .await
+        .expect_err("must not succeed");
+    assert!(err.to_string().contains("reply larger than"), "{err}");
+}
