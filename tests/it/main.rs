@@ -31,3 +31,5 @@ mod consul_mode;
 mod operability;
 // Connection limits (-max-conns, -max-handshakes, -max-upstream-conns, -max-lifetime): refuse at once, count, log once per burst.
 mod limits;
+// Data-plane faults: local app refusing or resetting, upstream dying mid-stream, peer vanishing.
+mod faults;

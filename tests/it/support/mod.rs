@@ -585,3 +585,28 @@ impl FerryProcess {
         }
     }
 }
+
+/// How many connections `m` has counted closed for `direction` (`inbound` or
+/// `upstream`), `service` and `outcome` (`done`, `denied`, `failed`).
+pub fn closed_count(
+    m: &ferry::metrics::Metrics,
+    direction: &'static str,
+    service: &str,
+    outcome: &'static str,
+) -> u64 {
+    m.closed
+        .get_or_create(&ferry::metrics::ClosedLabel {
+            direction,
+            service: service.to_string(),
+            outcome,
+        })
+        .get()
+}
+
+/// Makes closing `s` send a TCP reset instead of a FIN (SO_LINGER 0), so
+/// dropping it afterwards is an abrupt failure, not an orderly close.
+pub fn reset_on_close(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+}
