@@ -3,7 +3,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: help build demo test lint fmt bench certs ci clean deps fuzz
+.PHONY: help build demo test lint fmt bench certs ci clean deps fuzz soak
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ fuzz: ## run each fuzz target for FUZZ_SECONDS (default 60)
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	  rm -rf $$work; \
 	done
+
+soak: ## 200k short and 9k held connections through two ferries, with flips and rotations; checks leaks
+	ulimit -n $$(ulimit -Hn); $(CARGO) test --release --test it soak -- --ignored --nocapture
 
 ci: lint test ## what CI runs
 

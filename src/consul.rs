@@ -29,6 +29,8 @@ const BLOCKING_SLACK: Duration = Duration::from_secs(5);
 /// The largest agent reply ferry reads: far above a health answer for
 /// thousands of instances, far below what could hurt a sidecar.
 const MAX_BODY: usize = 64 << 20;
+/// Idle connections kept open to the agent.
+const MAX_IDLE_AGENT_CONNS: usize = 8;
 /// Timeout for calls that do not block.
 const PLAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -297,6 +299,9 @@ impl AgentClient {
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(60))
+            // Authorize calls for a burst of inbound connections open as many
+            // agent connections at once; keep only a few of them idle.
+            .pool_max_idle_per_host(MAX_IDLE_AGENT_CONNS)
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
         let base = match &config.addr {
             AgentAddr::Http {

@@ -33,3 +33,5 @@ mod operability;
 mod limits;
 // Data-plane faults: local app refusing or resetting, upstream dying mid-stream, peer vanishing.
 mod faults;
+// The soak (ignored; make soak): long runs, leaks, limits.
+mod soak;
