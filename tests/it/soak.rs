@@ -174,47 +174,56 @@ async fn soak() {
         "no good connection may fail"
     );
 
-    // Held connections: open them all, prove each works, then close them.
-    let mut streams = Vec::with_capacity(held as usize);
-    for n in 0..held {
-        let mut s = TcpStream::connect(entry)
-            .await
-            .unwrap_or_else(|e| panic!("held {n}: {e}"));
-        s.write_all(b"held").await.expect("write");
-        let mut buf = [0u8; 4];
-        within("held echo", s.read_exact(&mut buf))
-            .await
-            .expect("echo");
-        streams.push(s);
-    }
-    let at_peak = [usage(api.pid()), usage(web.pid())];
-    eprintln!(
-        "{held} held (RSS KiB, fds): api {:?}, web {:?}",
-        at_peak[0], at_peak[1]
-    );
-    let per_conn = |i: usize| (at_peak[i].0.saturating_sub(base[i].0)) as f64 / held as f64;
-    eprintln!(
-        "RSS per held connection: api {:.1} KiB, web {:.1} KiB",
-        per_conn(0),
-        per_conn(1)
-    );
-    drop(streams);
-
-    // Everything back: descriptors at baseline plus at most the idle agent
-    // connections ferry keeps pooled (8), RSS near it.
-    let settled = |i: usize, pid: u32| {
-        let (rss, fds) = usage(pid);
-        fds <= base[i].1 + 8 && rss <= base[i].0 * 2 + 16 * 1024
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(settled(0, api.pid()) && settled(1, web.pid())) {
-        assert!(
-            Instant::now() < deadline,
-            "not back to baseline {base:?}: api {:?}, web {:?}",
-            usage(api.pid()),
-            usage(web.pid())
+    // Held connections, twice: open them all, prove each works, close
+    // them, and wait until both ferries are back to their baseline
+    // descriptors (plus at most the 8 idle agent connections ferry pools).
+    // glibc keeps freed small allocations for reuse rather than returning
+    // them to the OS, so RSS after the first round stays near its peak; a
+    // leak would make the second round grow it further. That is the check.
+    let mut after_round = Vec::new();
+    for round in 1..=2 {
+        let mut streams = Vec::with_capacity(held as usize);
+        for n in 0..held {
+            let mut s = TcpStream::connect(entry)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, held {n}: {e}"));
+            s.write_all(b"held").await.expect("write");
+            let mut buf = [0u8; 4];
+            within("held echo", s.read_exact(&mut buf))
+                .await
+                .expect("echo");
+            streams.push(s);
+        }
+        let at_peak = [usage(api.pid()), usage(web.pid())];
+        let per_conn = |i: usize| (at_peak[i].0.saturating_sub(base[i].0)) as f64 / held as f64;
+        eprintln!(
+            "round {round}: {held} held (RSS KiB, fds): api {:?}, web {:?}; RSS per held connection over baseline: api {:.1} KiB, web {:.1} KiB",
+            at_peak[0], at_peak[1], per_conn(0), per_conn(1)
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(streams);
+        let fds_back = |i: usize, pid: u32| usage(pid).1 <= base[i].1 + 8;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(fds_back(0, api.pid()) && fds_back(1, web.pid())) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: descriptors not back to baseline {base:?}: api {:?}, web {:?}",
+                usage(api.pid()),
+                usage(web.pid())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rss = [usage(api.pid()).0, usage(web.pid()).0];
+        eprintln!(
+            "round {round} closed: RSS KiB api {} web {}",
+            rss[0], rss[1]
+        );
+        after_round.push(rss);
+    }
+    for (first, second) in after_round[0].into_iter().zip(after_round[1]) {
+        assert!(
+            second <= first + first / 10 + 8 * 1024,
+            "RSS grew from {first} to {second} KiB over a second identical round: a leak"
+        );
     }
     let end = [usage(api.pid()), usage(web.pid())];
     eprintln!("after (RSS KiB, fds): api {:?}, web {:?}", end[0], end[1]);
