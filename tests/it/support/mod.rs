@@ -481,6 +481,8 @@ impl FerryProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
             .env_clear()
+            // Allocator tuning (MALLOC_*) passes through, for the soak.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
