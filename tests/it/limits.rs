@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry::certs::Leaf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -22,8 +22,6 @@ const MSG: &[u8] = b"ping through the mesh";
 
 /// A refusal must be seen within this long.
 const AT_ONCE: Duration = Duration::from_secs(2);
-
-type MeshConn = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Flags for an `api` ferry in front of the echo app at `app`.
 fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -39,34 +37,6 @@ fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     ];
     args.extend_from_slice(extra);
     args
-}
-
-/// A completed mesh handshake to `addr` presenting `leaf`.
-async fn mesh_conn(addr: SocketAddr, leaf: &Leaf) -> MeshConn {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp))
-        .await
-        .expect("handshake")
-}
-
-/// Writes `msg` and reads the same bytes back, leaving the connection open.
-async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
-    s.write_all(msg).await.expect("write");
-    let mut buf = vec![0u8; msg.len()];
-    within("echo", s.read_exact(&mut buf))
-        .await
-        .expect("read echo");
-    assert_eq!(buf, msg);
-}
-
-/// Half-closes and reads to EOF: an orderly end of a held connection.
-async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
-    s.shutdown().await.expect("shutdown");
-    let mut rest = Vec::new();
-    within("EOF after half-close", s.read_to_end(&mut rest))
-        .await
-        .expect("read to EOF");
-    assert!(rest.is_empty());
 }
 
 /// Asserts that `attempt` (an echo try) ends with nothing echoed, by error

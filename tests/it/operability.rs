@@ -12,7 +12,7 @@ use ferry::certs::{DevCa, Leaf, LeafSpec};
 use ferry::tls::{Credentials, PemBundle};
 use prometheus_parse::Scrape;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
@@ -131,34 +131,6 @@ fn credentials(pki: &Pki, leaf: &Leaf, service: &str) -> Arc<Credentials> {
         origin: ["roots".into(), "leaf".into(), "key".into()],
     };
     Arc::new(Credentials::new(&bundle, service).expect("credentials"))
-}
-
-/// An mTLS connection to ferry's public listener presenting `leaf`.
-async fn mesh_conn(addr: SocketAddr, leaf: &Leaf) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp))
-        .await
-        .expect("handshake")
-}
-
-/// Writes `msg` and reads the same bytes back, leaving the connection open.
-async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
-    s.write_all(msg).await.expect("write");
-    let mut buf = vec![0u8; msg.len()];
-    within("echo", s.read_exact(&mut buf))
-        .await
-        .expect("read echo");
-    assert_eq!(buf, msg);
-}
-
-/// Half-closes and expects EOF after nothing more.
-async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
-    s.shutdown().await.expect("shutdown");
-    let mut rest = Vec::new();
-    within("EOF after half-close", s.read_to_end(&mut rest))
-        .await
-        .expect("read to EOF");
-    assert!(rest.is_empty(), "nothing more: {rest:?}");
 }
 
 /// A new connection to `addr` gets nowhere: refused, or closed at once

@@ -612,3 +612,35 @@ pub fn reset_on_close(s: &TcpStream) {
         .set_linger(Some(Duration::ZERO))
         .expect("SO_LINGER 0");
 }
+
+/// A mesh client connection (TLS over TCP) to a ferry's public listener.
+pub type MeshConn = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A completed mesh handshake to `addr` presenting `leaf`.
+pub async fn mesh_conn(addr: SocketAddr, leaf: &Leaf) -> MeshConn {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp))
+        .await
+        .expect("handshake")
+}
+
+/// Writes `msg` and reads the same bytes back, leaving the connection open.
+pub async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    within("echo", s.read_exact(&mut buf))
+        .await
+        .expect("read echo");
+    assert_eq!(buf, msg);
+}
+
+/// Half-closes and reads to EOF, expecting nothing more: an orderly end of
+/// a held connection.
+pub async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    s.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    within("EOF after half-close", s.read_to_end(&mut rest))
+        .await
+        .expect("read to EOF");
+    assert!(rest.is_empty(), "nothing more: {rest:?}");
+}
