@@ -165,10 +165,47 @@ impl IdleTimer {
     }
 }
 
+/// Copy buffers shared by the connections of one worker thread.
+///
+/// A connection holds a buffer only while bytes are in flight: it takes one
+/// to read into and gives it back once the writer has taken every byte. An
+/// idle connection therefore costs no buffer at all, which is what lets a
+/// sidecar hold thousands of quiet keep-alive connections cheaply, and a busy
+/// one reuses the same warm buffer instead of allocating per read.
+mod pool {
+    use std::cell::RefCell;
+
+    use super::BUF_SIZE;
+
+    /// Buffers kept per thread beyond those in use: enough for a burst of
+    /// busy connections, small enough (1 MiB) to not matter when idle.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take() -> Box<[u8]> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
+    }
+
+    pub(super) fn give(buf: Box<[u8]>) {
+        FREE.with(|f| {
+            let mut free = f.borrow_mut();
+            if free.len() < KEEP {
+                free.push(buf);
+            }
+        });
+    }
+}
+
 /// One direction: read into a buffer, write it all out, repeat; at end of
 /// stream flush and shut down the writer.
 struct Pipe {
-    buf: Box<[u8]>,
+    /// Held only while `pos < cap` (bytes read, not yet written) or while a
+    /// read is being polled; otherwise back in the thread's pool.
+    buf: Option<Box<[u8]>>,
     pos: usize,
     cap: usize,
     bytes: u64,
@@ -183,7 +220,7 @@ type LegError = (Leg, io::Error);
 impl Pipe {
     fn new() -> Pipe {
         Pipe {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: None,
             pos: 0,
             cap: 0,
             bytes: 0,
@@ -213,16 +250,22 @@ impl Pipe {
         };
         loop {
             if self.pos == self.cap && !self.read_done {
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                let mut buf = self.buf.take().unwrap_or_else(pool::take);
+                let mut rb = ReadBuf::new(&mut buf);
+                let polled = Pin::new(&mut *r).poll_read(cx, &mut rb);
+                let n = rb.filled().len();
+                if matches!(polled, Poll::Ready(Ok(()))) && n > 0 {
+                    self.buf = Some(buf);
+                    self.pos = 0;
+                    self.cap = n;
+                    *progressed = true;
+                } else {
+                    pool::give(buf);
+                }
+                match polled {
                     Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
                         if n == 0 {
                             self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                            *progressed = true;
                         }
                     }
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -241,16 +284,22 @@ impl Pipe {
                     }
                 }
             }
-            while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))
-                    .map_err(|e| (to, e))?;
-                if n == 0 {
-                    return Poll::Ready(Err((to, io::ErrorKind::WriteZero.into())));
+            if let Some(buf) = self.buf.as_deref() {
+                while self.pos < self.cap {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.cap]))
+                        .map_err(|e| (to, e))?;
+                    if n == 0 {
+                        return Poll::Ready(Err((to, io::ErrorKind::WriteZero.into())));
+                    }
+                    self.pos += n;
+                    self.bytes += n as u64;
+                    self.need_flush = true;
+                    *progressed = true;
                 }
-                self.pos += n;
-                self.bytes += n as u64;
-                self.need_flush = true;
-                *progressed = true;
+            }
+            // Everything read has been written: the buffer can serve others.
+            if let Some(buf) = self.buf.take() {
+                pool::give(buf);
             }
             if self.read_done {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(|e| (to, e))?;
