@@ -343,13 +343,11 @@ async fn first_value<T: Clone>(rx: &mut watch::Receiver<Option<T>>) -> Result<T,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: what.to_string(),
-            addr,
-            source,
-        })
+    crate::net::listen(addr).map_err(|source| StartError::Bind {
+        what: what.to_string(),
+        addr,
+        source,
+    })
 }
 
 /// The authorizer for the public listener, and the live-connection table

@@ -118,7 +118,7 @@ pub fn tls_failure_reason(e: &PhaseError<io::Error>) -> &'static str {
             C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
         )) => "expired",
         Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => "untrusted",
-        Some(E::InvalidCertificate(C::Other(_))) => "identity",
+        Some(E::InvalidCertificate(C::Other(o))) if crate::tls::is_identity_error(o) => "identity",
         Some(E::InvalidCertificate(_)) => "bad_certificate",
         Some(
             E::InvalidMessage(_)
@@ -142,6 +142,27 @@ pub fn tune(stream: &TcpStream) {
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(15));
     let _ = sock.set_tcp_keepalive(&ka);
+}
+
+/// Accept queue length of every listener. Tokio's default is 128, which a
+/// burst of connects overflows: the kernel then drops SYNs and clients see
+/// one- or three-second retransmit delays before ferry ever sees them. The
+/// kernel caps this at `net.core.somaxconn` (4096 on current Linux).
+pub const BACKLOG: i32 = 4096;
+
+/// Binds a listener with [`BACKLOG`] and address reuse (so a restarted
+/// ferry can bind while old connections sit in TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    TcpListener::from_std(sock.into())
 }
 
 /// Dials `addr` (an IP:port or host:port) and tunes the socket.
