@@ -110,6 +110,8 @@ async fn handle(
         }
     };
     drop(handshake_permit);
+    ctx.metrics
+        .handshake("server", tls.get_ref().1.handshake_kind());
 
     report.phase = Phase::Authorize;
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {

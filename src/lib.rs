@@ -58,6 +58,7 @@ pub mod revoke;
 pub mod sidecar;
 pub mod signal;
 pub mod splice;
+pub mod tickets;
 pub mod tls;
 mod upstream;
 pub mod watch;

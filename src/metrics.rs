@@ -59,6 +59,15 @@ pub struct RefusedLabel {
     pub limit: &'static str,
 }
 
+/// Labels for a completed TLS handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    /// `server` (inbound) or `client` (upstream).
+    pub side: &'static str,
+    /// `full` or `resumed` (a TLS session ticket was accepted).
+    pub kind: &'static str,
+}
+
 /// Labels for agent request errors.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
@@ -225,6 +234,8 @@ pub struct Metrics {
     pub leaf_expiry: Gauge,
     /// Certificate sets put in use after the first.
     pub rotations: Counter,
+    /// Completed TLS handshakes, by side and whether the session was resumed.
+    pub handshakes: Family<HandshakeLabel, Counter>,
 }
 
 /// The handles one upstream listener uses.
@@ -248,6 +259,26 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one completed handshake; resumption saves the signatures and
+    /// certificate checks, so its share explains handshake CPU.
+    pub fn handshake(&self, side: &'static str, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.handshakes
+            .get_or_create(&HandshakeLabel { side, kind })
+            .inc();
+    }
+
+    /// Completed handshakes of one side (`server`, `client`) and kind
+    /// (`full`, `resumed`).
+    pub fn handshakes(&self, side: &'static str, kind: &'static str) -> u64 {
+        self.handshakes
+            .get_or_create(&HandshakeLabel { side, kind })
+            .get()
+    }
+
     /// Creates every metric and registers it under the `ferry_` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("ferry");
@@ -278,6 +309,7 @@ impl Metrics {
             agent_errors: Labeled::default(),
             leaf_expiry: Gauge::default(),
             rotations: Counter::default(),
+            handshakes: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -297,6 +329,11 @@ impl Metrics {
             m.inbound_handshake_failed.family.clone(),
         );
         r.register("authz_decisions", "Inbound authorization decisions", authz);
+        r.register(
+            "tls_handshakes",
+            "Completed TLS handshakes, by side (server, client) and kind (full, resumed)",
+            m.handshakes.clone(),
+        );
         r.register(
             "connections_revoked",
             "Live connections closed because an intention now denies them",

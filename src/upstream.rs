@@ -87,14 +87,6 @@ async fn handle(
     );
     report.phase = Phase::Pick;
     net::tune(&local);
-    let config = match credentials.client_config(&ctx.name) {
-        Ok(c) => c,
-        Err(e) => {
-            report.fail(Phase::Pick, e);
-            return report;
-        }
-    };
-    let connector = TlsConnector::from(config);
     let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
     if !ctx.balancer.is_known() {
         // Discovery has not answered yet (ferry just started, or this
@@ -127,6 +119,13 @@ async fn handle(
             failures.push("overall deadline reached".to_string());
             break;
         }
+        let connector = match credentials.client_config(&ctx.name, inst.addr) {
+            Ok(c) => TlsConnector::from(c),
+            Err(e) => {
+                report.fail(Phase::Pick, e);
+                return report;
+            }
+        };
         report.attempts += 1;
         if report.attempts > 1 {
             ctx.m.retries.inc();
@@ -151,6 +150,8 @@ async fn handle(
         match attempt.await {
             Ok(mut tls) => {
                 ctx.balancer.report_success(&inst);
+                ctx.metrics
+                    .handshake("client", tls.get_ref().1.handshake_kind());
                 report.target = Some(inst.addr.to_string());
                 report.destination = tls
                     .get_ref()

@@ -33,5 +33,9 @@ mod operability;
 mod limits;
 // Data-plane faults: local app refusing or resetting, upstream dying mid-stream, peer vanishing.
 mod faults;
+// TLS session resumption between sidecars, per upstream instance.
+mod resumption;
+// Hostile input: floods of half-open connections, hostile chains, huge hellos.
+mod hostile;
 // The soak (ignored; make soak): long runs, leaks, limits.
 mod soak;
