@@ -64,10 +64,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
     for w in warnings {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");
@@ -162,5 +159,18 @@ fn certs(args: CertsArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// One thread when ferry may use one CPU (the usual sidecar budget, or a
+/// `taskset`/cgroup limit): a current-thread runtime runs every task where
+/// it was woken, with no hand-off between the accepting thread and a worker.
+/// With more CPUs, a worker per CPU (`TOKIO_WORKER_THREADS` caps it).
+fn runtime_builder() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     }
 }
