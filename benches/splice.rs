@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 /// Small write: an interactive request or reply; per-write overhead (task
 /// wake-ups, one short TLS record each way) dominates.
 const SMALL: usize = 1024;
-/// One full TLS record of plaintext, and exactly one splice buffer
-/// (`ferry::splice::BUF_SIZE`): the unit the proxy moves at a time.
+/// One full TLS record of plaintext (a quarter of the splice buffer,
+/// `ferry::splice::BUF_SIZE`).
 const RECORD: usize = 16 * 1024;
 /// Bulk write: 64 records per iteration, so per-byte costs (AEAD, copies)
 /// dominate.
