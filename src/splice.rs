@@ -234,6 +234,32 @@ impl Pipe {
         }
     }
 
+    /// Reads more into `buf` after the `cap` bytes already there, while
+    /// reads are ready and a full TLS record still fits.
+    fn top_up<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        const RECORD: usize = 16 * 1024;
+        while !self.read_done && buf.len() - self.cap >= RECORD {
+            let mut rb = ReadBuf::new(&mut buf[self.cap..]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => self.read_done = true,
+                Poll::Ready(Ok(())) => self.cap += rb.filled().len(),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true;
+                    self.truncated = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                // The waker is registered; the bytes we have go out now.
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+
     /// `from` names the reader's leg; the writer is the other one.
     fn poll_copy<R, W>(
         &mut self,
@@ -258,10 +284,15 @@ impl Pipe {
                 let polled = Pin::new(&mut *r).poll_read(cx, &mut rb);
                 let n = rb.filled().len();
                 if matches!(polled, Poll::Ready(Ok(()))) && n > 0 {
-                    self.buf = Some(buf);
                     self.pos = 0;
                     self.cap = n;
                     *progressed = true;
+                    // Before writing, take whatever else is ready: a TLS
+                    // reader yields one record per read, and four records
+                    // sent in one write cost one syscall instead of four.
+                    let topped = self.top_up(cx, r, &mut buf);
+                    self.buf = Some(buf);
+                    topped.map_err(|e| (from, e))?;
                 } else {
                     pool::give(buf);
                 }
