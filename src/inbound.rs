@@ -96,7 +96,7 @@ async fn handle(
         &ctx.service,
         credentials.identity.id.to_string(),
     );
-    net::tune(&stream);
+    net::tune_accepted(&stream);
     let acceptor = TlsAcceptor::from(credentials.server_config());
     let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {
         Ok(tls) => tls,

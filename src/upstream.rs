@@ -86,7 +86,7 @@ async fn handle(
         credentials.identity.id.to_string(),
     );
     report.phase = Phase::Pick;
-    net::tune(&local);
+    net::tune_accepted(&local);
     let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
     if !ctx.balancer.is_known() {
         // Discovery has not answered yet (ferry just started, or this
