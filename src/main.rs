@@ -2,6 +2,15 @@
 //! (exit 64 on any usage error, before binding anything), run, and map the
 //! outcome to an exit code. All the work is in the library.
 
+/// jemalloc with its background thread: freed pages go back to the system
+/// about ten seconds after a burst of connections closes. With glibc's
+/// malloc, RSS stayed at the burst's peak (over 100 MiB after 9,000 held
+/// connections) for the life of the process, and a second burst handled
+/// on another worker thread's arena doubled it. It costs about 1.4 MiB of
+/// idle RSS (its code and one thread).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
