@@ -167,7 +167,39 @@ fn balancer(c: &mut Criterion, mesh: &common::Mesh) {
     c.bench_function("balancer_candidates", |b| {
         b.iter(|| balancer.candidates(black_box(MAX_CANDIDATES)))
     });
+
+    // Contended: other threads pick and report on the same balancer, as
+    // the connections of a busy multi-threaded ferry do. They stop when
+    // this measurement ends.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..CONTENDERS {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for inst in balancer.candidates(MAX_CANDIDATES) {
+                        balancer.report_success(&inst);
+                    }
+                }
+            });
+        }
+        // Set on the way out, even if the measurement panics.
+        let _stop = StopOnDrop(&stop);
+        c.bench_function("balancer_candidates_contended", |b| {
+            b.iter(|| balancer.candidates(black_box(MAX_CANDIDATES)))
+        });
+    });
 }
+
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Threads picking from the balancer alongside the measured one.
+const CONTENDERS: usize = 3;
 
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
