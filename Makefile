@@ -3,7 +3,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: help build demo test lint fmt bench certs ci clean deps fuzz soak
+.PHONY: help build demo test lint fmt bench compare certs ci clean deps fuzz soak
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ fmt: ## format the code
 
 bench: ## criterion benchmarks: splice through TLS, mTLS handshake, balancer
 	$(CARGO) bench
+
+compare: ## ferry vs haproxy, nginx and stunnel, side by side (installs them; ARGS=--quick for a smoke run)
+	bash bench/compare.sh $(ARGS)
 
 certs: ## dev CA and leaves for web, api and billing in certs/
 	$(CARGO) run --quiet -- certs -dir certs web api billing
