@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 /// from the plain side becomes four records written with one `writev`, so
 /// a bulk transfer makes a quarter of the syscalls it would with one
 /// record's worth (16 KiB); measured, 25-40 % less proxy CPU per GB. Only
-/// connections with bytes in flight hold one (see `pool`).
+/// connections with bytes in flight hold one (see `pool`); one whose reader
+/// is slow keeps it until the bytes drain, small beside the megabytes the
+/// kernel's socket buffers hold for such a connection.
 pub const BUF_SIZE: usize = 64 * 1024;
 
 /// Which of the two streams given to [`splice`] something happened on.
