@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 /// kernel's socket buffers hold for such a connection.
 pub const BUF_SIZE: usize = 64 * 1024;
 
+/// The most plaintext one TLS record carries.
+const RECORD: usize = 16 * 1024;
+
 /// Which of the two streams given to [`splice`] something happened on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leg {
@@ -244,7 +247,6 @@ impl Pipe {
         r: &mut R,
         buf: &mut [u8],
     ) -> io::Result<()> {
-        const RECORD: usize = 16 * 1024;
         while !self.read_done && buf.len() - self.cap >= RECORD {
             let mut rb = ReadBuf::new(&mut buf[self.cap..]);
             match Pin::new(&mut *r).poll_read(cx, &mut rb) {
@@ -292,9 +294,15 @@ impl Pipe {
                     // Before writing, take whatever else is ready: a TLS
                     // reader yields one record per read, and four records
                     // sent in one write cost one syscall instead of four.
-                    let topped = self.top_up(cx, r, &mut buf);
-                    self.buf = Some(buf);
-                    topped.map_err(|e| (from, e))?;
+                    // A read shorter than a record means nothing more is
+                    // waiting, so small messages skip the extra poll.
+                    if n >= RECORD {
+                        let topped = self.top_up(cx, r, &mut buf);
+                        self.buf = Some(buf);
+                        topped.map_err(|e| (from, e))?;
+                    } else {
+                        self.buf = Some(buf);
+                    }
                 } else {
                     pool::give(buf);
                 }
