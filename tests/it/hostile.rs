@@ -82,8 +82,8 @@ impl Target {
     }
 
     /// Resident memory (KiB) and open descriptors of the ferry process.
-    fn usage(&self) -> (u64, usize) {
-        usage(self.ferry.pid())
+    fn proc_usage(&self) -> (u64, usize) {
+        proc_usage(self.ferry.pid())
     }
 
     /// The process has not exited (crashed, aborted, run out of memory).
@@ -140,21 +140,6 @@ fn refused(r: &io::Result<Vec<u8>>) -> bool {
     }
 }
 
-/// Resident memory (KiB) and open descriptors of process `pid`.
-fn usage(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    (rss, fds)
-}
-
 /// This process's soft limit on open descriptors, from `/proc/self/limits`
 /// (the crate forbids `unsafe`, so no `getrlimit`; and raising the limit
 /// would need it, so the test sizes itself to the limit instead).
@@ -199,13 +184,31 @@ fn total(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     s.samples
         .iter()
         .filter(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{metric}: unexpected value {other:?}"),
-        })
+        .map(|x| sample_value(metric, &x.value))
         .sum()
+}
+
+/// Scrapes until ferry has counted `want` failed handshakes in all, and
+/// returns that scrape; exactly `want`, so nothing else was refused.
+async fn failed_handshakes_reach(fx: &Target, want: f64, what: &str) -> Scrape {
+    let deadline = Instant::now() + DEADLINE;
+    let after = loop {
+        let s = fx.scrape().await;
+        if total(&s, HANDSHAKE_FAILED, &[]) >= want {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: ferry never counted {want} failed handshakes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        total(&after, HANDSHAKE_FAILED, &[]),
+        want,
+        "{what}: one failed handshake each"
+    );
+    after
 }
 
 /// Each value of `label` on `metric` with its (non-zero) sample, for reports.
@@ -398,7 +401,7 @@ async fn ten_thousand_half_open_connections_are_shed_and_established_traffic_con
     echo_once(&mut live, b"before the flood").await;
     let before = fx.scrape().await;
     assert_eq!(total(&before, REFUSED, &[]), 0.0, "nothing refused yet");
-    let (rss0, fds0) = fx.usage();
+    let (rss0, fds0) = fx.proc_usage();
 
     // The flood. Sample ferry's descriptors meanwhile, to report the peak.
     let peak_fds = Arc::new(AtomicU64::new(fds0 as u64));
@@ -408,7 +411,7 @@ async fn ten_thousand_half_open_connections_are_shed_and_established_traffic_con
         tokio::spawn(async move {
             let stop_at = Instant::now() + Duration::from_secs(30);
             while on.load(Ordering::Relaxed) && Instant::now() < stop_at {
-                peak.fetch_max(usage(pid).1 as u64, Ordering::Relaxed);
+                peak.fetch_max(proc_usage(pid).1 as u64, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -455,10 +458,10 @@ async fn ten_thousand_half_open_connections_are_shed_and_established_traffic_con
     let pid = fx.ferry.pid();
     eventually(
         "ferry's descriptors back to their pre-flood baseline",
-        || usage(pid).1 <= fds0 + 4,
+        || proc_usage(pid).1 <= fds0 + 4,
     )
     .await;
-    let (rss1, fds1) = fx.usage();
+    let (rss1, fds1) = fx.proc_usage();
 
     // The established connection survived the whole flood; a new one works;
     // the app saw only these two.
@@ -627,23 +630,7 @@ async fn assert_chain_refused(fx: &mut Target, name: &str, leaf: &Leaf) -> (Dura
         "{name}: ferry did not refuse the client: {r:?}"
     );
     let want = total(&before, HANDSHAKE_FAILED, &[]) + 1.0;
-    let deadline = Instant::now() + DEADLINE;
-    let after = loop {
-        let s = fx.scrape().await;
-        if total(&s, HANDSHAKE_FAILED, &[]) >= want {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: ferry never counted the failed handshake"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        total(&after, HANDSHAKE_FAILED, &[]),
-        want,
-        "{name}: one failed handshake"
-    );
+    let after = failed_handshakes_reach(fx, want, name).await;
     let reason = by_label(&after, HANDSHAKE_FAILED, "reason")
         .into_iter()
         .find(|(l, v)| *v > total(&before, HANDSHAKE_FAILED, &[("reason", l.as_str())]))
@@ -1001,7 +988,7 @@ async fn a_huge_client_hello_is_refused_without_harm() {
     let warm_app = fx.app.counts.accepted();
     let before = fx.scrape().await;
     let failed_before = total(&before, HANDSHAKE_FAILED, &[]);
-    let (rss0, _) = fx.usage();
+    let (rss0, _) = fx.proc_usage();
 
     let peak_rss = Arc::new(AtomicU64::new(rss0));
     let sampling = Arc::new(AtomicBool::new(true));
@@ -1010,7 +997,7 @@ async fn a_huge_client_hello_is_refused_without_harm() {
         tokio::spawn(async move {
             let stop_at = Instant::now() + Duration::from_secs(30);
             while on.load(Ordering::Relaxed) && Instant::now() < stop_at {
-                peak.fetch_max(usage(pid).0, Ordering::Relaxed);
+                peak.fetch_max(proc_usage(pid).0, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
@@ -1064,7 +1051,7 @@ async fn a_huge_client_hello_is_refused_without_harm() {
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     let peak = peak_rss.load(Ordering::Relaxed);
-    let (rss1, _) = fx.usage();
+    let (rss1, _) = fx.proc_usage();
     eprintln!("RSS KiB: before {rss0}, peak {peak}, after {rss1}");
     assert!(
         peak <= rss0 + 6 * 1024,
@@ -1073,23 +1060,7 @@ async fn a_huge_client_hello_is_refused_without_harm() {
 
     // Each was one failed handshake; none reached the app.
     let want = failed_before + hostile as f64;
-    let deadline = Instant::now() + DEADLINE;
-    let after = loop {
-        let s = fx.scrape().await;
-        if total(&s, HANDSHAKE_FAILED, &[]) >= want {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ferry never counted {hostile} failed handshakes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        total(&after, HANDSHAKE_FAILED, &[]),
-        want,
-        "one failed handshake each"
-    );
+    let after = failed_handshakes_reach(&fx, want, "the oversized hellos").await;
     assert_eq!(
         total(&after, HANDSHAKE_FAILED, &[("reason", "timeout")]),
         total(&before, HANDSHAKE_FAILED, &[("reason", "timeout")]),

@@ -74,12 +74,7 @@ fn sample(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     s.samples
         .iter()
         .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{metric}: unexpected value {other:?}"),
-        })
+        .map(|x| sample_value(metric, &x.value))
 }
 
 /// A sample's name, labels it must have, and value.

@@ -28,21 +28,6 @@ fn env_count(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Resident memory (KiB) and open descriptors of a process.
-fn usage(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    (rss, fds)
-}
-
 /// One short exchange through the mesh; true if the echo came back whole.
 async fn exchange(addr: std::net::SocketAddr, n: u64) -> bool {
     let msg = format!("soak {n:012}");
@@ -113,7 +98,7 @@ async fn soak() {
     for n in 0..1000 {
         assert!(exchange(entry, n).await, "warm-up {n}");
     }
-    let base = [usage(api.pid()), usage(web.pid())];
+    let base = [proc_usage(api.pid()), proc_usage(web.pid())];
     eprintln!(
         "baseline (RSS KiB, fds): api {:?}, web {:?}",
         base[0], base[1]
@@ -138,7 +123,7 @@ async fn soak() {
                 Intention::allow("billing", "api")
             };
             agent.add_intention(flip);
-            let now = [usage(api.pid()).0, usage(web.pid()).0];
+            let now = [proc_usage(api.pid()).0, proc_usage(web.pid()).0];
             peak = [peak[0].max(now[0]), peak[1].max(now[1])];
         }
         let permit = gate.clone().acquire_owned().await.expect("gate");
@@ -203,21 +188,21 @@ async fn soak() {
                 .expect("echo");
             streams.push(s);
         }
-        let at_peak = [usage(api.pid()), usage(web.pid())];
+        let at_peak = [proc_usage(api.pid()), proc_usage(web.pid())];
         let per_conn = |i: usize| (at_peak[i].0.saturating_sub(base[i].0)) as f64 / held as f64;
         eprintln!(
             "round {round}: {held} held (RSS KiB, fds): api {:?}, web {:?}; RSS per held connection over baseline: api {:.1} KiB, web {:.1} KiB",
             at_peak[0], at_peak[1], per_conn(0), per_conn(1)
         );
         drop(streams);
-        let fds_back = |i: usize, pid: u32| usage(pid).1 <= base[i].1 + 8;
+        let fds_back = |i: usize, pid: u32| proc_usage(pid).1 <= base[i].1 + 8;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(fds_back(0, api.pid()) && fds_back(1, web.pid())) {
             assert!(
                 Instant::now() < deadline,
                 "round {round}: descriptors not back to baseline {base:?}: api {:?}, web {:?}",
-                usage(api.pid()),
-                usage(web.pid())
+                proc_usage(api.pid()),
+                proc_usage(web.pid())
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -225,7 +210,7 @@ async fn soak() {
         // Near baseline: at least 90 % of what the held connections took
         // is given back (the rest is allocator caches and metadata).
         let limit = |i: usize| base[i].0 + (at_peak[i].0.saturating_sub(base[i].0)) / 10;
-        let rss_back = |i: usize, pid: u32| usage(pid).0 <= limit(i);
+        let rss_back = |i: usize, pid: u32| proc_usage(pid).0 <= limit(i);
         let deadline = closed_at + Duration::from_secs(45);
         while !(rss_back(0, api.pid()) && rss_back(1, web.pid())) {
             assert!(
@@ -233,12 +218,12 @@ async fn soak() {
                 "round {round}: RSS not back near baseline {base:?} (limits {} and {} KiB): api {:?}, web {:?}",
                 limit(0),
                 limit(1),
-                usage(api.pid()),
-                usage(web.pid())
+                proc_usage(api.pid()),
+                proc_usage(web.pid())
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let rss = [usage(api.pid()).0, usage(web.pid()).0];
+        let rss = [proc_usage(api.pid()).0, proc_usage(web.pid()).0];
         eprintln!(
             "round {round} closed: RSS KiB api {} web {}, back near baseline after {:.1}s",
             rss[0],
@@ -248,6 +233,6 @@ async fn soak() {
         after_round.push(rss);
     }
     eprintln!("RSS KiB after each round, (api, web): {after_round:?}");
-    let end = [usage(api.pid()), usage(web.pid())];
+    let end = [proc_usage(api.pid()), proc_usage(web.pid())];
     eprintln!("after (RSS KiB, fds): api {:?}, web {:?}", end[0], end[1]);
 }

@@ -644,3 +644,28 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
         .expect("read to EOF");
     assert!(rest.is_empty(), "nothing more: {rest:?}");
 }
+
+/// Resident memory (KiB) and open descriptors of process `pid`, from /proc.
+pub fn proc_usage(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (rss, fds)
+}
+
+/// The number in a scraped Prometheus sample (counter, gauge or untyped).
+pub fn sample_value(metric: &str, value: &prometheus_parse::Value) -> f64 {
+    match value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{metric}: unexpected value {other:?}"),
+    }
+}
