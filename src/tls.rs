@@ -111,13 +111,15 @@ pub struct Credentials {
     certified: Arc<CertifiedKey>,
     provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
-    /// One client config per upstream instance, built on first use and kept
-    /// for its session tickets (see [`crate::tickets`]). std lock: a lookup.
-    clients: Mutex<HashMap<(String, SocketAddr), Arc<ClientConfig>>>,
+    /// One client config per upstream instance, by upstream then address,
+    /// built on first use and kept for its session tickets (see
+    /// [`crate::tickets`]). Nested so a lookup allocates no key. std lock: a
+    /// lookup.
+    clients: Mutex<HashMap<String, HashMap<SocketAddr, Arc<ClientConfig>>>>,
 }
 
-/// Upstream instances whose client config (and tickets) is kept. Past this,
-/// an arbitrary one is dropped and simply starts over with a full handshake.
+/// Instances per upstream whose client config (and tickets) is kept. Past
+/// this, an arbitrary one is dropped and starts over with a full handshake.
 const MAX_CLIENT_CONFIGS: usize = 256;
 
 impl std::fmt::Debug for Credentials {
@@ -254,8 +256,7 @@ impl Credentials {
         instance: SocketAddr,
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (upstream.to_string(), instance);
-        if let Some(c) = clients.get(&key) {
+        if let Some(c) = clients.get(upstream).and_then(|i| i.get(&instance)) {
             return Ok(c.clone());
         }
         let expected = SpiffeId {
@@ -263,12 +264,13 @@ impl Credentials {
             ..self.identity.id.clone()
         };
         let config = client_config(&self.provider, &self.roots, &self.certified, expected)?;
-        if clients.len() >= MAX_CLIENT_CONFIGS {
-            if let Some(old) = clients.keys().next().cloned() {
-                clients.remove(&old);
+        let instances = clients.entry(upstream.to_string()).or_default();
+        if instances.len() >= MAX_CLIENT_CONFIGS {
+            if let Some(old) = instances.keys().next().copied() {
+                instances.remove(&old);
             }
         }
-        clients.insert(key, config.clone());
+        instances.insert(instance, config.clone());
         Ok(config)
     }
 }
