@@ -68,6 +68,10 @@ pub struct HandshakeLabel {
     pub kind: &'static str,
 }
 
+fn side_index(side: &str) -> usize {
+    usize::from(side != "server")
+}
+
 /// Labels for agent request errors.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
@@ -234,8 +238,9 @@ pub struct Metrics {
     pub leaf_expiry: Gauge,
     /// Certificate sets put in use after the first.
     pub rotations: Counter,
-    /// Completed TLS handshakes, by side and whether the session was resumed.
-    pub handshakes: Family<HandshakeLabel, Counter>,
+    /// Completed TLS handshakes, `[server, client][full, resumed]`: the
+    /// family's series, taken once so counting is a plain increment.
+    handshakes: [[Counter; 2]; 2],
 }
 
 /// The handles one upstream listener uses.
@@ -261,22 +266,16 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one completed handshake; resumption saves the signatures and
     /// certificate checks, so its share explains handshake CPU.
+    /// `side` is `server` (inbound) or `client` (upstream).
     pub fn handshake(&self, side: &'static str, kind: Option<rustls::HandshakeKind>) {
-        let kind = match kind {
-            Some(rustls::HandshakeKind::Resumed) => "resumed",
-            _ => "full",
-        };
-        self.handshakes
-            .get_or_create(&HandshakeLabel { side, kind })
-            .inc();
+        let resumed = matches!(kind, Some(rustls::HandshakeKind::Resumed));
+        self.handshakes[side_index(side)][usize::from(resumed)].inc();
     }
 
     /// Completed handshakes of one side (`server`, `client`) and kind
     /// (`full`, `resumed`).
     pub fn handshakes(&self, side: &'static str, kind: &'static str) -> u64 {
-        self.handshakes
-            .get_or_create(&HandshakeLabel { side, kind })
-            .get()
+        self.handshakes[side_index(side)][usize::from(kind == "resumed")].get()
     }
 
     /// Creates every metric and registers it under the `ferry_` prefix.
@@ -284,6 +283,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ferry");
         let authz: Family<DecisionLabel, Counter> = Family::default();
         let decision = |d| authz.get_or_create_owned(&DecisionLabel { decision: d });
+        let handshakes: Family<HandshakeLabel, Counter> = Family::default();
+        let handshake = |side, kind| handshakes.get_or_create_owned(&HandshakeLabel { side, kind });
         let m = Metrics {
             inbound_accepted: Counter::default(),
             inbound_active: Gauge::default(),
@@ -309,7 +310,10 @@ impl Metrics {
             agent_errors: Labeled::default(),
             leaf_expiry: Gauge::default(),
             rotations: Counter::default(),
-            handshakes: Family::default(),
+            handshakes: [
+                [handshake("server", "full"), handshake("server", "resumed")],
+                [handshake("client", "full"), handshake("client", "resumed")],
+            ],
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -332,7 +336,7 @@ impl Metrics {
         r.register(
             "tls_handshakes",
             "Completed TLS handshakes, by side (server, client) and kind (full, resumed)",
-            m.handshakes.clone(),
+            handshakes,
         );
         r.register(
             "connections_revoked",
