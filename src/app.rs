@@ -114,7 +114,7 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
     let admin = Arc::new(Admin::new(metrics.clone()));
     let mut admin_addr = None;
     if let Some(addr) = config.admin {
-        let listener = bind("-admin-addr", addr).await?;
+        let listener = bind("-admin-addr", addr)?;
         admin_addr = Some(listener.local_addr().unwrap_or(addr));
         tracing::info!(listen = %admin_addr.unwrap_or(addr), "admin listener ready (/metrics /ready /live /status)");
         control.spawn(admin::serve(
@@ -207,15 +207,12 @@ pub async fn start(mut config: Config, watch_policy: WatchPolicy) -> Result<Runn
 
     // Bind everything before serving, so a failure leaves nothing behind.
     let inbound_listener = match &config.inbound {
-        Some(i) => Some(bind("-listen", i.listen).await?),
+        Some(i) => Some(bind("-listen", i.listen)?),
         None => None,
     };
     let mut bound = Vec::new();
     for u in &config.upstreams {
-        bound.push((
-            u.clone(),
-            bind(&format!("-upstream {}", u.name), u.bind).await?,
-        ));
+        bound.push((u.clone(), bind(&format!("-upstream {}", u.name), u.bind)?));
     }
     for (u, listener) in bound {
         upstreams.serve(u, listener);
@@ -342,7 +339,7 @@ async fn first_value<T: Clone>(rx: &mut watch::Receiver<Option<T>>) -> Result<T,
     }
 }
 
-async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     crate::net::listen(addr).map_err(|source| StartError::Bind {
         what: what.to_string(),
         addr,
@@ -644,7 +641,7 @@ impl UpstreamSet {
             if self.lock().contains_key(&d.name) {
                 continue;
             }
-            match bind(&format!("-upstream {}", d.name), d.bind).await {
+            match bind(&format!("-upstream {}", d.name), d.bind) {
                 Ok(listener) => self.serve(d.clone(), listener),
                 Err(e) => {
                     tracing::error!(upstream = %d.name, error = %e, "cannot start upstream listener")
