@@ -44,16 +44,6 @@ impl InstanceTickets {
         // Nothing here can be left half-updated by a panic.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// TLS 1.3 tickets held now.
-    pub fn len(&self) -> usize {
-        self.lock().tls13.len()
-    }
-
-    /// True when no TLS 1.3 ticket is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl ClientSessionStore for InstanceTickets {
