@@ -23,22 +23,6 @@ const MSG: &[u8] = b"ping through the mesh";
 /// A refusal must be seen within this long.
 const AT_ONCE: Duration = Duration::from_secs(2);
 
-/// Flags for an `api` ferry in front of the echo app at `app`.
-fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        app,
-        "-certs",
-        dir,
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 /// Asserts that `attempt` (an echo try) ends with nothing echoed, by error
 /// or EOF, within [`AT_ONCE`].
 async fn assert_refused_at_once(

@@ -159,22 +159,6 @@ async fn closes_soon(addr: SocketAddr) {
     }
 }
 
-/// The flags of a `-certs` ferry for `api` in front of `app`.
-fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        app,
-        "-certs",
-        dir,
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 // ---------------------------------------------------------------------------
 // 1. /metrics.
 

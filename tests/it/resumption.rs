@@ -11,20 +11,7 @@ use crate::support::*;
 /// An inbound ferry for `api` in front of `app`.
 async fn api_instance(pki: &Pki, app: &EchoServer) -> Ferry {
     let (dir, app) = (pki.dir_arg(), app.addr_arg());
-    Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app,
-        "-certs",
-        &dir,
-        "-allow",
-        "web",
-        "-default-deny",
-    ])
-    .await
+    Ferry::start(&api_args(&dir, &app, &["-allow", "web", "-default-deny"])).await
 }
 
 /// A `web` ferry whose `api` upstream is `instances`.

@@ -669,3 +669,20 @@ pub fn sample_value(metric: &str, value: &prometheus_parse::Value) -> f64 {
         other => panic!("{metric}: unexpected value {other:?}"),
     }
 }
+
+/// Flags for a standalone `api` ferry with certificates in `dir`, listening
+/// on a free port in front of the app at `app`, plus `extra`.
+pub fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-service",
+        "api",
+        "-listen",
+        "127.0.0.1:0",
+        "-service-addr",
+        app,
+        "-certs",
+        dir,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
