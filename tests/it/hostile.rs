@@ -55,18 +55,7 @@ impl Target {
         let web = pki.leaf("web");
         let app = EchoServer::start().await;
         let (dir, app_addr) = (pki.dir_arg(), app.addr_arg());
-        let mut args = vec![
-            "-service",
-            "api",
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            &app_addr,
-            "-certs",
-            &dir,
-            "-admin-addr",
-            "127.0.0.1:0",
-        ];
+        let mut args = api_args(&dir, &app_addr, &["-admin-addr", "127.0.0.1:0"]);
         args.extend_from_slice(extra);
         let ferry = FerryProcess::start(&args);
         let inbound = ferry.listen_addr("inbound listener ready").await;
