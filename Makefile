@@ -8,10 +8,11 @@ SHELL := /bin/bash
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-deps: ## install what tests need on a fresh machine (openssl CLI for interop tests)
+deps: ## install what tests need on a fresh machine (openssl CLI, Envoy 1.40 in .deps/envoy)
 	@command -v openssl >/dev/null 2>&1 || { \
 	  echo "installing openssl (interop tests drive ferry from OpenSSL)"; \
 	  apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+	@bash tests/envoy/install.sh >/dev/null
 
 build: ## release build: target/release/ferry
 	$(CARGO) build --release
