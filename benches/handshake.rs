@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ferry::balancer::{Balancer, EjectionPolicy};
 use ferry::identity::peer_identity;
+use ferry::proxy::balancer::{Balancer, EjectionPolicy};
 use rustls::client::Resumption;
 use rustls::{ClientConfig, HandshakeKind, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,7 +2,7 @@
 //!
 //! Everything runs in memory on one current-thread runtime. A `web` client
 //! dials `api` over an in-memory pipe with ferry's own mTLS configs (one dev
-//! CA, SPIFFE checks on both sides), and [`ferry::splice::splice`] joins the
+//! CA, SPIFFE checks on both sides), and [`ferry::proxy::splice::splice`] joins the
 //! TLS server stream to a plain pipe that stands for the local app, as the
 //! inbound listener does. One iteration moves one write of N bytes end to end
 //! and reads all N out of the other end:
@@ -30,7 +30,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
-use ferry::splice::{splice, Spliced, Timers};
+use ferry::proxy::splice::{splice, Spliced, Timers};
 use tokio::io::{duplex, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 /// wake-ups, one short TLS record each way) dominates.
 const SMALL: usize = 1024;
 /// One full TLS record of plaintext (a quarter of the splice buffer,
-/// `ferry::splice::BUF_SIZE`).
+/// `ferry::proxy::splice::BUF_SIZE`).
 const RECORD: usize = 16 * 1024;
 /// Bulk write: 64 records per iteration, so per-byte costs (AEAD, copies)
 /// dominate.

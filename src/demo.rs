@@ -107,9 +107,14 @@ fn demo(dir: &Path) -> Result<(), String> {
     println!("ferry demo: a local service mesh on 127.0.0.1, no Consul needed\n");
 
     let services: Vec<String> = ["web", "api", "billing"].map(String::from).to_vec();
-    let issued =
-        crate::certs::ensure_dir(dir, None, "dc1", Duration::from_secs(72 * 3600), &services)
-            .map_err(|e| e.to_string())?;
+    let issued = crate::identity::dev_ca::ensure_dir(
+        dir,
+        None,
+        "dc1",
+        Duration::from_secs(72 * 3600),
+        &services,
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "  certificates     {}/ (dev CA, trust domain {}): web, api, billing",
         dir.display(),

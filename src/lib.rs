@@ -1,67 +1,51 @@
 //! ferry: an L4 sidecar proxy for Consul service mesh (Consul Connect).
 //!
-//! Data flows one way through the modules:
+//! The folders are the architecture; data flows one way through them:
 //!
 //! ```text
 //! argv/env ─► cli ─► config (validated once, before anything binds)
 //!                      │
 //!                      ▼
-//!                 app::start ─ owns every task; binds admin, then waits for
-//!                      │        certificates, then binds the listeners
-//!   control plane      │                         data plane
-//!   (agent mode)       │
-//!   consul (HTTP) ◄─ watch ◄─ control: roots+leaf ─► tls::Credentials ──┐
-//!                            control: health ─► balancer                │
-//!                            sidecar: registration ─► upstream set      │
-//!                            revoke: intention changes ─► live conns    │
-//!                            register: -register heartbeat              ▼
-//!                                        inbound (mTLS in): handshake ─► identity ─► authz ─► dial app ─┐
-//!                                        upstream (plain in): balancer ─► dial ─► handshake ─► identity ─┤
-//!                                                                                 splice ◄───────────────┘
+//!                 app::start ── the supervisor: owns every task (one Shutdown),
+//!                      │        binds admin, waits for certificates, binds listeners
+//!                      │
+//!   control plane      │      snapshot (the seam)          data plane
+//!   control::agent ────┼──►  credentials (leaf + roots) ──► proxy::inbound  (mTLS in)
+//!   (HTTP API today,   │     authorization policy ───────► proxy::inbound
+//!    xDS later, beside │     each upstream's instances ──► proxy::upstream (mTLS out)
+//!    it in control/)   │     the listener set ──► app        │
+//!                      │                                     ▼
+//!                      │               identity (SPIFFE, TLS verifiers) · authz (decisions)
+//!                      │                                     │
+//!                      └────────────── ops (metrics, admin, signals) ◄── every part
 //! ```
 //!
 //! - [`cli`]: the command line, flag for flag with `consul connect proxy`.
 //! - [`config`]: what the proxy will do; [`config::agent`]: reaching the agent.
-//! - [`consul`]: the agent's HTTP API (the only module that knows URLs).
-//! - [`watch`]: the blocking-query loop; [`control`]: roots, leaf and
-//!   instance watchers; [`sidecar`]: registration mode; [`register`]:
-//!   `-register`; [`revoke`]: closing connections intentions no longer allow.
-//! - [`identity`]: SPIFFE IDs, Consul serials, SNI, reading peer certificates.
-//! - [`tls`]: validated credentials and the mesh verifiers for both directions.
-//! - [`authz`]: intentions, static or from the agent.
-//! - [`balancer`]: round robin with passive ejection.
-//! - `inbound`, `upstream`: the two listeners; [`splice`]: moving bytes;
-//!   [`net`]: sockets and phase timeouts; [`conn`]: the per-connection log line.
-//! - [`metrics`]: counters and gauges; [`admin`]: `/metrics`, `/ready`,
-//!   `/live`, `/status`.
-//! - [`certs`]: the development CA behind `ferry certs`, tests and benches.
+//! - [`app`]: start in named phases, [`Running`], and [`app::Shutdown`].
+//! - [`control`]: the control plane and the snapshot types any source must
+//!   produce; [`control::agent`]: the source built on the agent's HTTP API.
+//! - [`snapshot`]: the publisher/receiver pair those snapshots travel in.
+//! - [`identity`]: SPIFFE IDs, credentials, verifiers, tickets, the dev CA.
+//! - [`authz`]: intentions and the policy the public listener asks.
+//! - [`proxy`]: the data plane: listeners, balancer, splice, limits, sockets.
+//! - [`ops`]: metrics, the admin endpoints, signals.
 //! - [`demo`]: `ferry demo`, the local mesh walk-through.
+//!
+//! Imports point down this list's flow: `proxy`, `identity` and `authz`
+//! never import `control`, `app`, `cli` or `config`; `control` never imports
+//! `app`, `cli` or the listeners; nothing imports `app`.
 
-pub mod admin;
 pub mod app;
 pub mod authz;
-pub mod balancer;
-pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod conn;
-pub mod consul;
 pub mod control;
 pub mod demo;
 pub mod identity;
-mod inbound;
-pub mod limits;
-pub mod metrics;
-pub mod net;
-pub mod register;
-pub mod revoke;
-pub mod sidecar;
-pub mod signal;
-pub mod splice;
-pub mod tickets;
-pub mod tls;
-mod upstream;
-pub mod watch;
+pub mod ops;
+pub mod proxy;
+pub mod snapshot;
 
 pub use app::{start, Running};
 pub use config::Config;

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use ferry::cli::{self, CertsArgs, Command, ProxyArgs};
 use ferry::config::agent::ProcessEnv;
 use ferry::config::Config;
-use ferry::watch::WatchPolicy;
+use ferry::control::agent::WatchPolicy;
 
 /// Bad flags, bad files: the BSD `EX_USAGE` code, as linkerd's proxy uses.
 const EXIT_USAGE: u8 = 64;
@@ -85,7 +85,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         // Starting may wait for the agent; a signal meanwhile just ends it.
         let started = tokio::select! {
             r = ferry::start(config, WatchPolicy::default()) => r,
-            _ = ferry::signal::shutdown() => {
+            _ = ferry::ops::signal::shutdown() => {
                 tracing::info!("stopped before serving");
                 return ExitCode::SUCCESS;
             }
@@ -97,7 +97,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        ferry::signal::shutdown().await;
+        ferry::ops::signal::shutdown().await;
         tracing::info!(drain_timeout = ?drain, "draining: no new connections; open ones may finish");
         tokio::select! {
             clean = running.shutdown(drain) => {
@@ -108,7 +108,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            _ = ferry::signal::shutdown() => {
+            _ = ferry::ops::signal::shutdown() => {
                 tracing::warn!("second signal: exiting now");
                 ExitCode::SUCCESS
             }
@@ -131,7 +131,7 @@ fn ignored_flags(args: &ProxyArgs) -> Vec<&'static str> {
 }
 
 fn certs(args: CertsArgs) -> ExitCode {
-    match ferry::certs::ensure_dir(
+    match ferry::identity::dev_ca::ensure_dir(
         &args.dir,
         args.trust_domain.as_deref(),
         &args.dc,

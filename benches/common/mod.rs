@@ -5,9 +5,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::certs::{DevCa, Leaf};
+use ferry::identity::dev_ca::{DevCa, Leaf};
+use ferry::identity::tls::{Credentials, PemBundle};
 use ferry::identity::SpiffeId;
-use ferry::tls::{Credentials, PemBundle};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{duplex, DuplexStream};

@@ -3,8 +3,8 @@
 //! configuration (or refused) without panicking either.
 #![no_main]
 
-use ferry::consul::{CaRoots, IssuedCert, ServiceEntry};
-use ferry::sidecar::{derive, AgentService};
+use ferry::control::agent::api::{CaRoots, IssuedCert, ServiceEntry};
+use ferry::control::agent::{api::AgentService, registration::derive};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -29,11 +29,9 @@
 //!   Nomad writes `si_token` only when Consul ACLs are on, so the same job
 //!   must start without it. Other read errors stay fatal.
 
-use std::convert::Infallible;
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
+pub use crate::cli::Token;
 use crate::cli::{go_bool, AgentArgs, ProxyArgs};
 
 /// Where the agent's HTTP API is.
@@ -54,43 +52,6 @@ pub enum AgentAddr {
         /// The socket path.
         path: PathBuf,
     },
-}
-
-/// An ACL token. Its `Debug` and `Display` never show the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    /// Wraps a secret.
-    pub fn new(secret: String) -> Token {
-        Token(secret)
-    }
-    /// The secret, for the `X-Consul-Token` header only.
-    pub fn secret(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl fmt::Display for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// For `-token`: any string is a token (an empty one means none, which
-/// [`AgentConfig::resolve`] decides, not the parser).
-impl FromStr for Token {
-    type Err = Infallible;
-
-    fn from_str(s: &str) -> Result<Token, Infallible> {
-        Ok(Token(s.to_string()))
-    }
 }
 
 /// TLS to the agent (when the address is https).

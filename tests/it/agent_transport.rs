@@ -236,8 +236,8 @@ async fn an_endless_agent_reply_is_cut_off() {
         ..Default::default()
     };
     let config = ferry::config::agent::AgentConfig::resolve(&args, &NO_ENV).expect("agent config");
-    let client = ferry::consul::AgentClient::new(&config).expect("client");
-    let blocking = ferry::consul::Blocking {
+    let client = ferry::control::agent::AgentClient::new(&config).expect("client");
+    let blocking = ferry::control::agent::api::Blocking {
         index: 0,
         wait: std::time::Duration::from_secs(5),
     };

@@ -669,7 +669,7 @@ fn certs_writes_a_usable_dev_pki_and_reuses_the_ca() {
         assert_eq!(mode(&dir.join(key)), 0o600, "{key} mode");
     }
     let pem = ferry::config::read_cert_dir(&dir, "web").expect("read web");
-    let creds = ferry::tls::Credentials::new(&pem, "web").expect("web leaf validates");
+    let creds = ferry::identity::tls::Credentials::new(&pem, "web").expect("web leaf validates");
     assert_eq!(creds.identity.id.to_string(), web_id);
     let ca_before = std::fs::read(dir.join("ca.pem")).unwrap();
     let web_before = std::fs::read(dir.join("web.pem")).unwrap();
@@ -698,7 +698,7 @@ fn certs_writes_a_usable_dev_pki_and_reuses_the_ca() {
     );
     assert_eq!(mode(&dir.join("api-key.pem")), 0o600, "api-key.pem mode");
     let pem = ferry::config::read_cert_dir(&dir, "api").expect("read api");
-    let creds = ferry::tls::Credentials::new(&pem, "api").expect("api leaf validates");
+    let creds = ferry::identity::tls::Credentials::new(&pem, "api").expect("api leaf validates");
     assert_eq!(
         creds.identity.id.to_string(),
         format!("spiffe://{td}/ns/default/dc/dc1/svc/api")

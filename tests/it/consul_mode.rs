@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry::certs::{DevCa, Leaf};
+use ferry::identity::dev_ca::{DevCa, Leaf};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
@@ -317,7 +317,15 @@ async fn a_mesh_through_the_agent_uses_its_leaves_instances_and_decisions() {
             "web presents the leaf the agent issued for it"
         );
     }
-    assert_eq!(m.web.running.credentials().identity.serial, web_serial);
+    assert_eq!(
+        m.web
+            .running
+            .credentials()
+            .expect("certificates")
+            .identity
+            .serial,
+        web_serial
+    );
 
     // api presents the agent's leaf for api, byte for byte.
     let api_leaf = agent_leaf(&m.agent, "api", None).await;
@@ -325,7 +333,12 @@ async fn a_mesh_through_the_agent_uses_its_leaves_instances_and_decisions() {
     let seen = presented(m.api.inbound(), &m.pki.leaf("web")).await;
     assert_eq!(seen, first_cert(api_pem), "api presents the agent's leaf");
     assert_eq!(
-        m.api.running.credentials().identity.serial,
+        m.api
+            .running
+            .credentials()
+            .expect("certificates")
+            .identity
+            .serial,
         api_leaf["SerialNumber"].as_str().unwrap()
     );
     assert_eq!(
@@ -473,8 +486,14 @@ async fn rotation_keeps_live_connections_and_refuses_invalid_leaves() {
     let new_ca = DevCa::generate(&td).unwrap();
     m.agent.rotate(new_ca.cert_pem());
     eventually("both ferries to trust both roots", || {
-        m.api.running.credentials().root_count() == 2
-            && m.web.running.credentials().root_count() == 2
+        m.api
+            .running
+            .credentials()
+            .is_some_and(|c| c.root_count() == 2)
+            && m.web
+                .running
+                .credentials()
+                .is_some_and(|c| c.root_count() == 2)
     })
     .await;
     let new_api = new_ca
@@ -489,7 +508,14 @@ async fn rotation_keeps_live_connections_and_refuses_invalid_leaves() {
     .await;
     assert_echo(m.entry(), b"after rotation").await;
     echo_part(&mut live, b"still here").await;
-    let serial = m.api.running.credentials().identity.serial.clone();
+    let serial = m
+        .api
+        .running
+        .credentials()
+        .expect("certificates")
+        .identity
+        .serial
+        .clone();
 
     let foreign = DevCa::generate(&td).unwrap();
     let bad = [
@@ -519,7 +545,12 @@ async fn rotation_keeps_live_connections_and_refuses_invalid_leaves() {
             "{what}: refused, the previous leaf stays"
         );
         assert_eq!(
-            m.api.running.credentials().identity.serial,
+            m.api
+                .running
+                .credentials()
+                .expect("certificates")
+                .identity
+                .serial,
             serial,
             "{what}"
         );
@@ -947,8 +978,14 @@ async fn roots_watch_survives_index_rewind_and_bad_answers() {
     let m = AgentMesh::start(&[]).await;
     let td = m.pki.trust_domain().to_string();
     let roots = |n: usize| {
-        m.api.running.credentials().root_count() == n
-            && m.web.running.credentials().root_count() == n
+        m.api
+            .running
+            .credentials()
+            .is_some_and(|c| c.root_count() == n)
+            && m.web
+                .running
+                .credentials()
+                .is_some_and(|c| c.root_count() == n)
     };
 
     let seen = m.agent.count("GET", ROOTS);

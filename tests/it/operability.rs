@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::certs::{DevCa, Leaf, LeafSpec};
-use ferry::tls::{Credentials, PemBundle};
+use ferry::identity::dev_ca::{DevCa, Leaf, LeafSpec};
+use ferry::identity::tls::{Credentials, PemBundle};
 use prometheus_parse::Scrape;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ferry::tls::{Credentials, PemBundle};
+use ferry::identity::tls::{Credentials, PemBundle};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-fn bundle(roots: &str, leaf: &ferry::certs::Leaf) -> PemBundle {
+fn bundle(roots: &str, leaf: &ferry::identity::dev_ca::Leaf) -> PemBundle {
     PemBundle {
         roots: roots.to_string(),
         chain: leaf.cert_pem.clone(),
@@ -42,7 +42,7 @@ async fn rotating_roots_and_leaf_keeps_live_connections() {
     assert_eq!(&buf, b"before");
 
     // A new CA for the same trust domain; both ferries trust both roots.
-    let new_ca = ferry::certs::DevCa::generate(&td).unwrap();
+    let new_ca = ferry::identity::dev_ca::DevCa::generate(&td).unwrap();
     let roots = format!("{}{}", mesh.pki.ca.cert_pem(), new_ca.cert_pem());
     let new_api = new_ca
         .leaf("api", "dc1", std::time::Duration::from_secs(3600))
@@ -84,7 +84,7 @@ async fn rotating_roots_and_leaf_keeps_live_connections() {
 #[tokio::test]
 async fn invalid_credentials_are_refused() {
     let pki = Pki::new();
-    let other = ferry::certs::DevCa::generate(pki.trust_domain()).unwrap();
+    let other = ferry::identity::dev_ca::DevCa::generate(pki.trust_domain()).unwrap();
     let stranger = other
         .leaf("api", "dc1", std::time::Duration::from_secs(60))
         .unwrap();

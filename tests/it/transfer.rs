@@ -151,7 +151,7 @@ async fn chains_through_an_intermediate_are_accepted_both_ways() {
             2,
             "leaf + intermediate"
         );
-        ferry::certs::write_leaf(pki.dir(), svc, &leaf).unwrap();
+        ferry::identity::dev_ca::write_leaf(pki.dir(), svc, &leaf).unwrap();
     }
     let app = EchoServer::start().await;
     let dir = pki.dir_arg();
@@ -185,7 +185,7 @@ async fn chains_through_an_intermediate_are_accepted_both_ways() {
     let bare = inter
         .leaf("web", "dc1", std::time::Duration::from_secs(3600))
         .unwrap();
-    let leaf_only = ferry::certs::Leaf {
+    let leaf_only = ferry::identity::dev_ca::Leaf {
         cert_pem: bare
             .cert_pem
             .split_inclusive("-----END CERTIFICATE-----\n")

@@ -48,7 +48,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Router};
-use ferry::certs::{DevCa, Leaf};
+use ferry::identity::dev_ca::{DevCa, Leaf};
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -99,7 +99,7 @@ pub struct AgentOpts {
 impl Default for AgentOpts {
     fn default() -> AgentOpts {
         AgentOpts {
-            trust_domain: ferry::certs::random_trust_domain(),
+            trust_domain: ferry::identity::dev_ca::random_trust_domain(),
             datacenter: "dc1".into(),
             node: "fake-agent".into(),
             token: None,

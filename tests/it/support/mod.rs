@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry::certs::{DevCa, Leaf, LeafSpec};
+use ferry::identity::dev_ca::{DevCa, Leaf, LeafSpec};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -41,8 +41,8 @@ pub const NO_ENV: [(&str, &str); 0] = [];
 
 /// Agent watch timing for tests: the fake agent answers blocking queries as
 /// soon as something changes, so only the rate limit and backoff are cut.
-pub fn fast_watch() -> ferry::watch::WatchPolicy {
-    ferry::watch::WatchPolicy {
+pub fn fast_watch() -> ferry::control::agent::WatchPolicy {
+    ferry::control::agent::WatchPolicy {
         wait: Duration::from_secs(30),
         min_interval: Duration::from_millis(20),
         backoff_base: Duration::from_millis(50),
@@ -60,7 +60,7 @@ pub struct Pki {
 impl Pki {
     /// A new CA with a random trust domain; `ca.pem` is written.
     pub fn new() -> Pki {
-        Pki::with_trust_domain(&ferry::certs::random_trust_domain())
+        Pki::with_trust_domain(&ferry::identity::dev_ca::random_trust_domain())
     }
 
     /// A new CA for `trust_domain`.
@@ -89,7 +89,7 @@ impl Pki {
             .ca
             .leaf(service, "dc1", Duration::from_secs(3600))
             .expect("leaf");
-        ferry::certs::write_leaf(self.dir(), service, &leaf).expect("write leaf");
+        ferry::identity::dev_ca::write_leaf(self.dir(), service, &leaf).expect("write leaf");
         leaf
     }
 
@@ -138,7 +138,7 @@ impl Ferry {
             .expect("ferry has that upstream")
     }
 
-    pub fn metrics(&self) -> &ferry::metrics::Metrics {
+    pub fn metrics(&self) -> &ferry::ops::metrics::Metrics {
         &self.running.metrics
     }
 }
@@ -591,13 +591,13 @@ impl FerryProcess {
 /// How many connections `m` has counted closed for `direction` (`inbound` or
 /// `upstream`), `service` and `outcome` (`done`, `denied`, `failed`).
 pub fn closed_count(
-    m: &ferry::metrics::Metrics,
+    m: &ferry::ops::metrics::Metrics,
     direction: &'static str,
     service: &str,
     outcome: &'static str,
 ) -> u64 {
     m.closed
-        .get_or_create(&ferry::metrics::ClosedLabel {
+        .get_or_create(&ferry::ops::metrics::ClosedLabel {
             direction,
             service: service.to_string(),
             outcome,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::metrics::Counter;
+use crate::ops::metrics::Counter;
 
 /// How often a continuing burst of refusals is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);

@@ -67,7 +67,7 @@ pub struct Balancer {
     /// instead of failing as if the upstream had no instances.
     known: tokio::sync::watch::Sender<bool>,
     /// The instance count, exported as a metric.
-    count: Option<crate::metrics::GaugeTally>,
+    count: Option<crate::ops::metrics::GaugeTally>,
 }
 
 /// The result of reporting a failure.
@@ -93,7 +93,7 @@ impl Balancer {
     }
 
     /// Reports the number of instances on `gauge` whenever the set changes.
-    pub fn with_gauge(mut self, gauge: crate::metrics::GaugeTally) -> Balancer {
+    pub fn with_gauge(mut self, gauge: crate::ops::metrics::GaugeTally) -> Balancer {
         self.count = Some(gauge);
         self
     }

@@ -13,22 +13,22 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::authz::Authorizer;
-use crate::config::Timeouts;
-use crate::conn::{Direction, Outcome, Report};
+use super::Timeouts;
 use crate::identity::peer_identity;
-use crate::limits::Limit;
-use crate::metrics::{Metrics, ReasonLabel};
-use crate::net::{self, Phase};
-use crate::revoke::LiveConns;
-use crate::splice::{splice, Timers};
-use crate::tls::Credentials;
+use crate::identity::tls::Credentials;
+use crate::ops::metrics::{Metrics, ReasonLabel};
+use crate::proxy::limits::Limit;
+use crate::proxy::live::LiveConns;
+use crate::proxy::net::{self, Phase};
+use crate::proxy::report::{Direction, Outcome, Report};
+use crate::proxy::splice::{splice, Timers};
+use crate::snapshot::Receiver;
 
 /// What every inbound connection shares.
 pub(crate) struct Inbound {
@@ -36,7 +36,7 @@ pub(crate) struct Inbound {
     pub service_addr: String,
     pub authz: Authorizer,
     /// Latest credentials; each connection takes the current one at accept.
-    pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub credentials: Receiver<Credentials>,
     pub timeouts: Timeouts,
     /// Idle timeout and maximum lifetime of a connection.
     pub timers: Timers,
@@ -89,13 +89,17 @@ async fn handle(
     kill: &CancellationToken,
     handshake_permit: OwnedSemaphorePermit,
 ) -> Report {
-    let credentials = ctx.credentials.borrow().clone();
+    let credentials = ctx.credentials.latest();
     let mut report = Report::new(
         Direction::Inbound,
         peer,
         &ctx.service,
-        credentials.identity.id.to_string(),
+        credentials.as_ref().map(|c| c.identity.id.to_string()),
     );
+    let Some(credentials) = credentials else {
+        report.fail(Phase::Handshake, "no certificates yet");
+        return report;
+    };
     net::tune_accepted(&stream);
     let acceptor = TlsAcceptor::from(credentials.server_config());
     let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {

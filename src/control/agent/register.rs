@@ -7,15 +7,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
-
-use tokio::sync::watch;
-
-use crate::consul::{AgentClient, AgentError, CheckStatus};
-use crate::tls::Credentials;
+use super::api::{CheckBody, CheckStatus, ProxyBody, RegisterBody};
+use super::{AgentClient, AgentError};
+use crate::identity::tls::Credentials;
+use crate::snapshot::Receiver;
 
 /// The check's TTL, as Consul's proxy registers it.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -84,38 +81,6 @@ impl Registration {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RegisterBody<'a> {
-    kind: &'static str,
-    #[serde(rename = "ID")]
-    id: &'a str,
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    address: Option<String>,
-    port: u16,
-    proxy: ProxyBody<'a>,
-    check: CheckBody<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ProxyBody<'a> {
-    destination_service_name: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CheckBody<'a> {
-    #[serde(rename = "CheckID")]
-    check_id: String,
-    name: &'static str,
-    #[serde(rename = "TTL")]
-    ttl: String,
-    notes: &'a str,
-    status: &'static str,
-}
-
 /// Registers once (replacing existing checks, so a restart is idempotent).
 pub async fn register(client: &AgentClient, reg: &Registration) -> Result<(), AgentError> {
     client.register_service(&reg.body()).await
@@ -127,7 +92,7 @@ pub async fn keep(
     client: AgentClient,
     reg: Registration,
     every: Duration,
-    credentials: watch::Receiver<Arc<Credentials>>,
+    credentials: Receiver<Credentials>,
     cancel: CancellationToken,
 ) {
     let check = reg.check_id();
@@ -138,9 +103,9 @@ pub async fn keep(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let (status, note) = {
-            let c = credentials.borrow();
-            leaf_health(c.leaf_not_before, c.leaf_not_after, unix_now())
+        let (status, note) = match credentials.latest() {
+            Some(c) => leaf_health(c.leaf_not_before, c.leaf_not_after, unix_now()),
+            None => (CheckStatus::Critical, "no certificates yet".to_string()),
         };
         if status != last_health {
             match status {

@@ -34,8 +34,8 @@ use rustls::{
     RootCertStore, ServerConfig, SignatureScheme,
 };
 
+use crate::identity::tickets::InstanceTickets;
 use crate::identity::{peer_identity, IdentityError, PeerIdentity, SpiffeId};
-use crate::tickets::InstanceTickets;
 
 /// Why a set of certificates cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +113,7 @@ pub struct Credentials {
     server: Arc<ServerConfig>,
     /// One client config per upstream instance, by upstream then address,
     /// built on first use and kept for its session tickets (see
-    /// [`crate::tickets`]). Nested so a lookup allocates no key. std lock: a
+    /// [`crate::identity::tickets`]). Nested so a lookup allocates no key. std lock: a
     /// lookup.
     clients: Mutex<HashMap<String, HashMap<SocketAddr, Arc<ClientConfig>>>>,
 }

@@ -1,128 +1,21 @@
-//! The control plane: watchers that turn the agent's answers into the
-//! immutable state the data plane reads.
-//!
-//! - Roots and this service's leaf are watched separately; whenever either
-//!   changes, a new [`Credentials`] is built and validated (leaf chains to the
-//!   roots, names our service, matches its key) and only then published. A
-//!   set that does not validate is logged and dropped: the last good one
-//!   stays in use, so a bad delivery never takes the proxy down.
-//! - Each upstream's healthy instances are watched with a blocking query
-//!   (prepared queries are polled, as they cannot block) and swapped into its
-//!   balancer when the set changes.
-//!
-//! Every watcher runs until the cancellation token fires.
+//! Each upstream's healthy instances from the agent: watched with a
+//! blocking query (prepared queries are polled, as they cannot block) and
+//! swapped into the upstream's balancer, whole, when the set changes.
+//! Runs until the cancellation token fires.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Balancer;
-use crate::consul::{AgentClient, Blocking, CaRoots, IssuedCert, Reply, ServiceEntry};
+use super::api::{Blocking, Reply, ServiceEntry};
+use super::watch::watch;
+use super::AgentClient;
+use super::WatchPolicy;
 use crate::identity::SpiffeId;
-use crate::tls::{Credentials, PemBundle};
-use crate::watch::{watch, WatchPolicy};
-
-/// Watches roots and the leaf for `service` and publishes each new valid
-/// [`Credentials`] on `tx`.
-///
-/// Each watcher publishes its latest value into a `watch` channel (latest
-/// wins: a burst of deliveries can never be lost or queue up), and one
-/// combiner builds and validates a new set whenever either changed.
-pub async fn credentials(
-    client: AgentClient,
-    service: String,
-    tx: watch::Sender<Option<Arc<Credentials>>>,
-    policy: WatchPolicy,
-    cancel: CancellationToken,
-) {
-    let (roots_tx, mut roots_rx) = watch::channel(None::<CaRoots>);
-    let (leaf_tx, mut leaf_rx) = watch::channel(None::<IssuedCert>);
-    let roots_task = watch(
-        "roots",
-        policy,
-        &cancel,
-        |b| client.roots(b),
-        |r| {
-            roots_tx.send_if_modified(|cur| replace_if_changed(cur, r));
-        },
-    );
-    let leaf_task = watch(
-        "leaf",
-        policy,
-        &cancel,
-        |b| client.leaf(&service, b),
-        |l| {
-            leaf_tx.send_if_modified(|cur| replace_if_changed(cur, l));
-        },
-    );
-    let combine = async {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = roots_rx.changed() => if r.is_err() { return },
-                r = leaf_rx.changed() => if r.is_err() { return },
-            }
-            let roots = roots_rx.borrow_and_update().clone();
-            let leaf = leaf_rx.borrow_and_update().clone();
-            let (Some(r), Some(l)) = (roots, leaf) else {
-                continue;
-            };
-            match build(&r, &l, &service) {
-                Ok(c) => {
-                    tracing::info!(identity = %c.identity.id, serial = %c.identity.serial, roots = c.root_count(), "certificates loaded");
-                    tx.send_replace(Some(Arc::new(c)));
-                }
-                Err(why) => {
-                    tracing::error!(error = %why, "certificates from the agent refused; keeping the previous ones")
-                }
-            }
-        }
-    };
-    tokio::join!(roots_task, leaf_task, combine);
-}
-
-/// Stores `next` if it differs; says whether it did.
-fn replace_if_changed<T: PartialEq>(cur: &mut Option<T>, next: T) -> bool {
-    if cur.as_ref() == Some(&next) {
-        return false;
-    }
-    *cur = Some(next);
-    true
-}
-
-fn build(roots: &CaRoots, leaf: &IssuedCert, service: &str) -> Result<Credentials, String> {
-    if roots.roots.is_empty() {
-        return Err("the agent returned no CA roots (is the Connect CA bootstrapped?)".into());
-    }
-    // Trust every root, not only the active one: during a CA rotation peers
-    // still present leaves from the old one (spec §2.5).
-    let pem: String = roots
-        .roots
-        .iter()
-        .map(|r| {
-            let mut p = r.root_cert.clone();
-            if !p.ends_with('\n') {
-                p.push('\n');
-            }
-            p
-        })
-        .collect();
-    let bundle = PemBundle {
-        roots: pem,
-        chain: leaf.cert_pem.clone(),
-        key: leaf.private_key_pem.clone(),
-        origin: [
-            "agent roots".into(),
-            format!("agent leaf for {service}"),
-            "agent leaf key".into(),
-        ],
-    };
-    Credentials::new(&bundle, service).map_err(|e| e.to_string())
-}
+use crate::proxy::balancer::Balancer;
 
 /// How instances of one upstream are found.
 #[derive(Debug, Clone)]

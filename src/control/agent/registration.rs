@@ -24,77 +24,18 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use serde::Deserialize;
+use std::sync::Arc;
+
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
+use super::api::AgentService;
+use super::watch::backoff;
+use super::WatchPolicy;
+use super::{AgentClient, AgentError};
+use crate::config::agent::ProxyIdentity;
 use crate::config::{Discovery, UpstreamConfig};
-use crate::consul::{null_as_default, AgentClient, AgentError};
-
-/// A local agent service, as `/v1/agent/service/<id>` and
-/// `/v1/agent/services` return it (the fields ferry reads).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct AgentService {
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default, rename = "ID")]
-    pub id: String,
-    #[serde(default)]
-    pub service: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub port: u16,
-    #[serde(default)]
-    pub proxy: Option<AgentProxy>,
-}
-
-/// The `Proxy` block of a `connect-proxy` registration.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(rename_all = "PascalCase", default)]
-pub struct AgentProxy {
-    pub destination_service_name: String,
-    #[serde(rename = "DestinationServiceID")]
-    pub destination_service_id: String,
-    pub local_service_address: String,
-    pub local_service_port: u16,
-    pub local_service_socket_path: String,
-    #[serde(deserialize_with = "null_as_default")]
-    pub config: HashMap<String, Value>,
-    #[serde(deserialize_with = "null_as_default")]
-    pub upstreams: Vec<AgentUpstream>,
-}
-
-/// One entry of `Proxy.Upstreams`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(rename_all = "PascalCase", default)]
-pub struct AgentUpstream {
-    pub destination_type: String,
-    pub destination_name: String,
-    pub datacenter: String,
-    pub local_bind_address: String,
-    pub local_bind_port: u16,
-    pub local_bind_socket_path: String,
-    #[serde(deserialize_with = "null_as_default")]
-    pub config: HashMap<String, Value>,
-}
-
-/// What a registration says the proxy should do.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SidecarConfig {
-    /// The service we represent (`Proxy.DestinationServiceName`).
-    pub service: String,
-    /// The public listener, unless the port is 0.
-    pub listen: Option<SocketAddr>,
-    /// The local app.
-    pub service_addr: String,
-    /// `local_connect_timeout_ms`, if set.
-    pub local_connect_timeout: Option<Duration>,
-    /// `handshake_timeout_ms`, if set.
-    pub handshake_timeout: Option<Duration>,
-    /// The upstreams, in registration order.
-    pub upstreams: Vec<UpstreamConfig>,
-}
+use crate::control::{ListenerSet, Publisher};
 
 /// Finds the proxy ID for `-sidecar-for <service-id>`: the one local
 /// `connect-proxy` whose `Proxy.DestinationServiceID` equals it, compared
@@ -156,7 +97,7 @@ fn ip_or(s: &str, default: IpAddr) -> Result<IpAddr, String> {
 }
 
 /// Derives what the proxy should do from its registration.
-pub fn derive(svc: &AgentService) -> Result<SidecarConfig, String> {
+pub fn derive(svc: &AgentService) -> Result<ListenerSet, String> {
     if svc.kind != "connect-proxy" {
         return Err(format!(
             "service {:?} is of kind {:?}, not connect-proxy",
@@ -230,7 +171,7 @@ pub fn derive(svc: &AgentService) -> Result<SidecarConfig, String> {
             deadline: millis(u.config.get("connect_timeout_ms")),
         });
     }
-    Ok(SidecarConfig {
+    Ok(ListenerSet {
         service: proxy.destination_service_name.clone(),
         listen,
         service_addr,
@@ -238,6 +179,74 @@ pub fn derive(svc: &AgentService) -> Result<SidecarConfig, String> {
         handshake_timeout: millis(cfg.get("handshake_timeout_ms")),
         upstreams,
     })
+}
+
+/// The proxy ID registration mode follows: given, or found for
+/// `-sidecar-for`.
+pub async fn proxy_id(client: &AgentClient, identity: &ProxyIdentity) -> Result<String, String> {
+    match identity {
+        ProxyIdentity::ProxyId(id) => Ok(id.clone()),
+        ProxyIdentity::SidecarFor(id) => sidecar_for(client, id).await,
+        ProxyIdentity::None => Err("no proxy ID".into()),
+    }
+}
+
+/// Watches the proxy's registration (hash-blocking) and publishes each
+/// valid listener set derived from it, when it changed. A registration that
+/// cannot be used, or that has gone, is logged once and the last good one
+/// stays in force. Runs until `cancel`.
+pub async fn follow(
+    client: AgentClient,
+    proxy_id: String,
+    tx: Arc<Publisher<ListenerSet>>,
+    policy: WatchPolicy,
+    cancel: CancellationToken,
+) {
+    let mut hash: Option<String> = None;
+    let mut failures = 0u32;
+    let mut failing: Option<String> = None;
+    loop {
+        let fetched = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = fetch(&client, &proxy_id, hash.as_deref(), policy.wait) => r,
+        };
+        let problem = match fetched {
+            Ok((svc, h)) => {
+                hash = h;
+                match derive(&svc) {
+                    Ok(set) => {
+                        if failing.take().is_some() {
+                            tracing::info!(proxy_id = %proxy_id, "proxy registration usable again");
+                        }
+                        failures = 0;
+                        tx.publish_if_changed(set);
+                        if hash.is_none() {
+                            // No hash to block on: do not spin.
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(policy.min_interval) => {}
+                            }
+                        }
+                        continue;
+                    }
+                    Err(why) => why,
+                }
+            }
+            Err(e) => {
+                hash = None;
+                e.to_string()
+            }
+        };
+        failures += 1;
+        if failing.as_deref() != Some(problem.as_str()) {
+            tracing::warn!(proxy_id = %proxy_id, error = %problem, "cannot use the proxy registration; keeping the last good one");
+            failing = Some(problem);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff(policy, failures)) => {}
+        }
+    }
 }
 
 #[cfg(test)]

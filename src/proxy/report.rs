@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 
 use tokio::time::Instant;
 
-use crate::net::Phase;
-use crate::splice::{End, Leg, Spliced};
+use crate::proxy::net::Phase;
+use crate::proxy::splice::{End, Leg, Spliced};
 
 /// Which way the connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,9 +74,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// A fresh report for a connection accepted now; `me` is our own SPIFFE ID.
-    pub fn new(direction: Direction, peer: SocketAddr, service: &str, me: String) -> Report {
-        let me = Some(me);
+    /// A fresh report for a connection accepted now; `me` is our own SPIFFE
+    /// ID, when we have certificates.
+    pub fn new(
+        direction: Direction,
+        peer: SocketAddr,
+        service: &str,
+        me: Option<String>,
+    ) -> Report {
         let (source, destination) = match direction {
             Direction::Inbound => (None, me),
             Direction::Upstream => (me, None),

@@ -1,5 +1,6 @@
-//! The Consul agent's HTTP API, as ferry uses it. This is the only module
-//! that knows URLs, headers and JSON shapes (spec §1); everything else sees
+//! The agent's HTTP client: URLs, headers, timeouts and errors. With the
+//! bodies in [`super::api`] and HTTPS in `https`, this is all that
+//! knows how Consul's HTTP API is spoken (spec §1); everything else sees
 //! typed values.
 //!
 //! Conventions followed (spec §1.0): the token goes in `X-Consul-Token`;
@@ -14,15 +15,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::config::agent::{AgentAddr, AgentConfig, AgentTls, Token};
-use crate::metrics::{EndpointLabel, Metrics};
+use super::api::{
+    Authorization, AuthorizeRequest, Blocking, CaRoots, CheckStatus, IssuedCert, QueryResult,
+    Reply, ServiceEntry,
+};
+use super::https::agent_tls;
+use crate::config::agent::{AgentAddr, AgentConfig, Token};
+use crate::ops::metrics::{EndpointLabel, Metrics};
 
 /// Extra time beyond `wait + wait/16` before a blocking call is abandoned.
 const BLOCKING_SLACK: Duration = Duration::from_secs(5);
@@ -102,169 +104,6 @@ impl AgentError {
             None => perm.to_string(),
         })
     }
-}
-
-/// A blocking query's position: `index` 0 means "answer at once".
-#[derive(Debug, Clone, Copy)]
-pub struct Blocking {
-    /// The last `X-Consul-Index` seen (0: none yet).
-    pub index: u64,
-    /// How long the agent may hold the call.
-    pub wait: Duration,
-}
-
-/// A decoded answer and its `X-Consul-Index`.
-#[derive(Debug, Clone)]
-pub struct Reply<T> {
-    pub value: T,
-    /// The blocking index; 0 if the agent sent none.
-    pub index: u64,
-}
-
-/// `GET /v1/agent/connect/ca/roots` (spec §1.1).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct CaRoots {
-    #[serde(default, rename = "ActiveRootID")]
-    pub active_root_id: String,
-    #[serde(default)]
-    pub trust_domain: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub roots: Vec<CaRoot>,
-}
-
-/// One root of [`CaRoots`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct CaRoot {
-    #[serde(default, rename = "ID")]
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    pub root_cert: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub intermediate_certs: Vec<String>,
-    #[serde(default)]
-    pub active: bool,
-}
-
-/// `GET /v1/agent/connect/ca/leaf/<service>` (spec §1.2).
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct IssuedCert {
-    #[serde(default)]
-    pub serial_number: String,
-    /// Leaf followed by the active root's intermediates.
-    #[serde(rename = "CertPEM")]
-    pub cert_pem: String,
-    #[serde(rename = "PrivateKeyPEM")]
-    pub private_key_pem: String,
-    #[serde(default)]
-    pub service: String,
-    #[serde(default, rename = "ServiceURI")]
-    pub service_uri: String,
-    #[serde(default)]
-    pub valid_before: String,
-}
-
-impl std::fmt::Debug for IssuedCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedCert")
-            .field("serial_number", &self.serial_number)
-            .field("service_uri", &self.service_uri)
-            .field("valid_before", &self.valid_before)
-            .field("private_key_pem", &"<redacted>")
-            .finish()
-    }
-}
-
-/// A TTL check's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckStatus {
-    Passing,
-    Warning,
-    Critical,
-}
-
-/// The body of `POST /v1/agent/connect/authorize` (spec §1.3). The agent
-/// rejects unknown fields, so this has exactly the CE ones.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct AuthorizeRequest<'a> {
-    pub target: &'a str,
-    #[serde(rename = "ClientCertURI")]
-    pub client_cert_uri: &'a str,
-    pub client_cert_serial: &'a str,
-}
-
-/// The agent's intention decision.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Authorization {
-    pub authorized: bool,
-    #[serde(default)]
-    pub reason: String,
-}
-
-/// One entry of `GET /v1/health/connect/<service>` (spec §1.4).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ServiceEntry {
-    pub node: Node,
-    pub service: EntryService,
-}
-
-/// The node part of a [`ServiceEntry`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Node {
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub datacenter: String,
-}
-
-/// The service part of a [`ServiceEntry`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct EntryService {
-    #[serde(default, rename = "ID")]
-    pub id: String,
-    #[serde(default)]
-    pub service: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub port: u16,
-}
-
-impl ServiceEntry {
-    /// Where to dial: `Service.Address`, or `Node.Address` when empty.
-    pub fn dial_host(&self) -> &str {
-        if self.service.address.is_empty() {
-            &self.node.address
-        } else {
-            &self.service.address
-        }
-    }
-}
-
-/// `GET /v1/query/<name>/execute` (spec §1.6).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct QueryResult {
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub nodes: Vec<ServiceEntry>,
-}
-
-/// Decodes a JSON `null` as the type's default (Go marshals nil slices
-/// and maps as `null`).
-pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The agent client. Cheap to clone; one connection pool underneath.
@@ -671,178 +510,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The rustls config for an https agent: trust `-ca-file`/`-ca-path` (or
-/// the system bundle when neither is set), present `-client-cert` if given,
-/// check the certificate against `-tls-server-name` when set (instead of
-/// the URL's host), or not at all with `CONSUL_HTTP_SSL_VERIFY=false`.
-fn agent_tls(tls: &AgentTls) -> Result<rustls::ClientConfig, AgentError> {
-    let setup = |what: &str, e: &dyn std::fmt::Display| AgentError::Setup(format!("{what}: {e}"));
-    let mut roots = rustls::RootCertStore::empty();
-    let mut files = Vec::new();
-    if let Some(f) = &tls.ca_file {
-        files.push(f.clone());
-    }
-    if let Some(dir) = &tls.ca_path {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| setup(&format!("-ca-path {}", dir.display()), &e))?;
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_file() {
-                files.push(p);
-            }
-        }
-    }
-    if files.is_empty() {
-        files.push("/etc/ssl/certs/ca-certificates.crt".into());
-    }
-    for f in &files {
-        let pem = std::fs::read(f).map_err(|e| setup(&f.display().to_string(), &e))?;
-        for c in CertificateDer::pem_slice_iter(&pem).flatten() {
-            let _ = roots.add(c);
-        }
-    }
-    if tls.verify && roots.is_empty() {
-        return Err(AgentError::Setup(format!(
-            "no CA certificate found in {}",
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let provider = crate::tls::provider();
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| setup("agent CA", &e))?;
-    let server_name = match &tls.server_name {
-        Some(n) => {
-            Some(ServerName::try_from(n.clone()).map_err(|e| setup("-tls-server-name", &e))?)
-        }
-        None => None,
-    };
-    let verifier = Arc::new(AgentVerifier {
-        inner: webpki,
-        server_name,
-        verify: tls.verify,
-    });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| setup("TLS", &e))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let config = match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => {
-            let certs = CertificateDer::pem_file_iter(cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| setup(&format!("-client-cert {}", cert.display()), &e))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| setup(&format!("-client-key {}", key.display()), &e))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| setup("-client-cert/-client-key", &e))?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(config)
-}
-
-/// WebPKI verification of the agent, against `-tls-server-name` when set.
-#[derive(Debug)]
-struct AgentVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    server_name: Option<ServerName<'static>>,
-    verify: bool,
-}
-
-impl ServerCertVerifier for AgentVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if !self.verify {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let name = self.server_name.as_ref().unwrap_or(server_name);
-        self.inner
-            .verify_server_cert(end_entity, intermediates, name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decodes_consul_shapes_leniently() {
-        let roots: CaRoots = serde_json::from_str(
-            r#"{"ActiveRootID":"a","TrustDomain":"x.consul","Roots":[{"ID":"a","Name":"n","RootCert":"PEM","IntermediateCerts":null,"Active":true,"Extra":1}]}"#,
-        )
-        .unwrap();
-        assert_eq!(roots.roots.len(), 1);
-        assert!(
-            roots.roots[0].intermediate_certs.is_empty(),
-            "null intermediates"
-        );
-        let empty: CaRoots = serde_json::from_str(r#"{"Roots":null}"#).unwrap();
-        assert!(empty.roots.is_empty());
-
-        let entries: Vec<ServiceEntry> = serde_json::from_str(
-            r#"[{"Node":{"Address":"10.0.0.1","Datacenter":"dc1"},"Service":{"ID":"s1","Service":"api-sidecar-proxy","Address":"","Port":21000},"Checks":[]}]"#,
-        )
-        .unwrap();
-        assert_eq!(
-            entries[0].dial_host(),
-            "10.0.0.1",
-            "empty Service.Address falls back to the node"
-        );
-    }
-
-    #[test]
-    fn authorize_body_has_exactly_the_ce_fields() {
-        let body = serde_json::to_value(AuthorizeRequest {
-            target: "api",
-            client_cert_uri: "spiffe://x.consul/ns/default/dc/dc1/svc/web",
-            client_cert_serial: "01:02",
-        })
-        .unwrap();
-        let keys: Vec<&str> = body
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(|k| k.as_str())
-            .collect();
-        assert_eq!(keys, ["ClientCertSerial", "ClientCertURI", "Target"]);
-    }
 
     #[test]
     fn names_the_missing_permission_of_a_403() {
@@ -876,18 +546,5 @@ mod tests {
     fn path_segments_are_escaped() {
         assert_eq!(path_segment("web-1_a.b"), "web-1_a.b");
         assert_eq!(path_segment("a/b?c"), "a%2Fb%3Fc");
-    }
-
-    #[test]
-    fn issued_cert_debug_hides_the_key() {
-        let c = IssuedCert {
-            serial_number: "01".into(),
-            cert_pem: "C".into(),
-            private_key_pem: "SECRET".into(),
-            service: "web".into(),
-            service_uri: "u".into(),
-            valid_before: "".into(),
-        };
-        assert!(!format!("{c:?}").contains("SECRET"));
     }
 }

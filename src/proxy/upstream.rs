@@ -13,26 +13,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::balancer::{Balancer, Failure};
-use crate::config::Timeouts;
-use crate::conn::{Direction, Report};
-use crate::limits::Limit;
-use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::net::{self, Phase};
-use crate::splice::{splice, Timers};
-use crate::tls::Credentials;
+use super::Timeouts;
+use crate::identity::tls::Credentials;
+use crate::ops::metrics::{Metrics, UpstreamMetrics};
+use crate::proxy::balancer::{Balancer, Failure};
+use crate::proxy::limits::Limit;
+use crate::proxy::net::{self, Phase};
+use crate::proxy::report::{Direction, Report};
+use crate::proxy::splice::{splice, Timers};
+use crate::snapshot::Receiver;
 
 /// What every connection of one upstream listener shares.
 pub(crate) struct Upstream {
     pub name: String,
     pub balancer: Arc<Balancer>,
-    pub credentials: watch::Receiver<Arc<Credentials>>,
+    pub credentials: Receiver<Credentials>,
     pub attempts: u32,
     pub timeouts: Timeouts,
     /// Idle timeout and maximum lifetime of a connection.
@@ -78,13 +78,17 @@ async fn handle(
     peer: SocketAddr,
     kill: &CancellationToken,
 ) -> Report {
-    let credentials = ctx.credentials.borrow().clone();
+    let credentials = ctx.credentials.latest();
     let mut report = Report::new(
         Direction::Upstream,
         peer,
         &ctx.name,
-        credentials.identity.id.to_string(),
+        credentials.as_ref().map(|c| c.identity.id.to_string()),
     );
+    let Some(credentials) = credentials else {
+        report.fail(Phase::Handshake, "no certificates yet");
+        return report;
+    };
     report.phase = Phase::Pick;
     net::tune_accepted(&local);
     let deadline = Instant::now() + ctx.timeouts.upstream_deadline;

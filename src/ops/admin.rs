@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// A `/status` document, built on request.
 pub type StatusFn = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -112,7 +112,7 @@ pub async fn serve(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    while let Some((stream, _)) = crate::net::accept(&listener, &cancel, "admin").await {
+    while let Some((stream, _)) = crate::proxy::net::accept(&listener, &cancel, "admin").await {
         let admin = admin.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {

@@ -21,22 +21,26 @@
 //! [`AgentConfig::resolve`](crate::config::agent::AgentConfig::resolve) and
 //! [`ProxyIdentity::resolve`](crate::config::agent::ProxyIdentity::resolve)
 //! through the `Env` trait, so tests never touch the process environment.
+//!
+//! Owns: clap structs ([`Cli`]), Go-flag compatibility (`goflags`) and the
+//! flag value types ([`UpstreamArg`], [`GoDuration`], [`Token`], ...). Must
+//! never import anything of ferry: every other part reads from it.
 
 // The doc comments of the flags are their --help text, written for a
 // terminal: <placeholders> and [optional] parts are meant literally.
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
-use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::str::FromStr;
-use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
-use crate::config::agent::Token;
+mod goflags;
+mod values;
+
+pub(crate) use goflags::go_bool;
+pub use values::{DestinationType, GoDuration, Token, UpstreamAddrArg, UpstreamArg};
 
 /// ferry: a small, fast L4 sidecar proxy for Consul service mesh.
 #[derive(Debug, Parser)]
@@ -369,270 +373,16 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
-    Cli::try_parse_from(go_style(args.into_iter().map(Into::into).collect()))
-}
-
-/// Rewrites `-name` / `-name=value` to `--name` / `--name=value` for every
-/// long flag, leaving the values of flags alone (a value may start with `-`).
-fn go_style(args: Vec<OsString>) -> Vec<OsString> {
-    let mut root = Cli::command();
-    root.build();
-    let mut cmd = &root;
-    let mut out = Vec::with_capacity(args.len());
-    let mut iter = args.into_iter();
-    out.extend(iter.next());
-    let mut value_next = false;
-    while let Some(arg) = iter.next() {
-        if value_next {
-            // Join as `--flag=value`: clap would read a value that starts
-            // with `-` as another flag, Go's parser never does.
-            value_next = false;
-            if let Some(flag) = out.last_mut() {
-                flag.push("=");
-                flag.push(&arg);
-            }
-            continue;
-        }
-        let Some(s) = arg.to_str().map(str::to_string) else {
-            out.push(arg);
-            continue;
-        };
-        if s == "--" {
-            out.push(arg);
-            out.extend(iter.by_ref());
-            break;
-        }
-        let body = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
-        match body {
-            Some(body) if body.len() > 1 => {
-                let (name, has_value) = match body.split_once('=') {
-                    Some((n, _)) => (n, true),
-                    None => (body, false),
-                };
-                if let Some(a) = cmd.get_arguments().find(|a| a.get_long() == Some(name)) {
-                    let takes = a
-                        .get_num_args()
-                        .map(|r| r.min_values() > 0)
-                        .unwrap_or(false);
-                    value_next = takes && !has_value;
-                }
-                out.push(format!("--{body}").into());
-            }
-            _ => {
-                if cmd.get_name() == root.get_name() {
-                    if let Some(sub) = root.find_subcommand(&s) {
-                        cmd = sub;
-                    }
-                }
-                out.push(arg);
-            }
-        }
-    }
-    out
-}
-
-/// Go's `strconv.ParseBool`.
-pub(crate) fn go_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        _ => Err(format!("{s:?} is not a boolean (true or false)")),
-    }
-}
-
-/// A duration in Go's syntax (`300ms`, `1.5s`, `2h45m`, `0`).
-///
-/// ```
-/// use ferry::cli::GoDuration;
-/// let d: GoDuration = "1m30s".parse().unwrap();
-/// assert_eq!(d.0.as_secs(), 90);
-/// assert_eq!(d.to_string(), "1m30s");
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GoDuration(pub Duration);
-
-impl FromStr for GoDuration {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{s:?} is not a duration (examples: 500ms, 10s, 1m30s, 72h)");
-        if s == "0" {
-            return Ok(GoDuration(Duration::ZERO));
-        }
-        if s.is_empty() || s.starts_with('-') {
-            return Err(bad());
-        }
-        let mut rest = s.strip_prefix('+').unwrap_or(s);
-        let mut total = 0f64;
-        while !rest.is_empty() {
-            let num_len = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .ok_or_else(bad)?;
-            let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-            rest = &rest[num_len..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit() || c == '.')
-                .unwrap_or(rest.len());
-            let scale = match &rest[..unit_len] {
-                "ns" => 1e-9,
-                "us" | "µs" | "μs" => 1e-6,
-                "ms" => 1e-3,
-                "s" => 1.0,
-                "m" => 60.0,
-                "h" => 3600.0,
-                _ => return Err(bad()),
-            };
-            rest = &rest[unit_len..];
-            total += value * scale;
-        }
-        Duration::try_from_secs_f64(total)
-            .map(GoDuration)
-            .map_err(|_| bad())
-    }
-}
-
-impl fmt::Display for GoDuration {
-    /// Go's form for whole seconds (`72h0m0s`, `1m30s`), else Rust's (`1.5s`).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = self.0;
-        if d.subsec_nanos() != 0 || d.is_zero() {
-            return write!(f, "{d:?}");
-        }
-        let s = d.as_secs();
-        match (s / 3600, s % 3600 / 60, s % 60) {
-            (0, 0, s) => write!(f, "{s}s"),
-            (0, m, s) => write!(f, "{m}m{s}s"),
-            (h, m, s) => write!(f, "{h}h{m}m{s}s"),
-        }
-    }
-}
-
-/// How an upstream is discovered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DestinationType {
-    /// A service name (`-upstream db:9191`).
-    Service,
-    /// A prepared query (`-upstream db.query:9191`).
-    PreparedQuery,
-}
-
-/// One `-upstream` flag: `NAME[.TYPE]:[ADDR:]PORT`, parsed as Consul's
-/// `flag_upstreams.go` does (port in Go's base-prefixed syntax), plus a
-/// bracketed IPv6 bind address, which Consul's parser cannot express.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamArg {
-    /// Destination service or query name.
-    pub name: String,
-    /// Service or prepared query.
-    pub kind: DestinationType,
-    /// Local address to listen on.
-    pub bind: SocketAddr,
-}
-
-impl FromStr for UpstreamArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let syntax = || {
-            format!("{s:?}: expected NAME[.TYPE]:[ADDR:]PORT, e.g. db:9191 or db:127.0.0.1:9191")
-        };
-        let (dest, rest) = s.split_once(':').ok_or_else(syntax)?;
-        let (name, kind) = match dest.split_once('.') {
-            None | Some((_, "")) | Some((_, "service")) => (
-                dest.split('.').next().unwrap_or(dest),
-                DestinationType::Service,
-            ),
-            Some((n, "query")) => (n, DestinationType::PreparedQuery),
-            Some((_, t)) => {
-                return Err(format!(
-                    "{s:?}: unknown upstream type {t:?} (expected service or query)"
-                ))
-            }
-        };
-        if name.is_empty() {
-            return Err(syntax());
-        }
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (h, p) = v6.split_once("]:").ok_or_else(syntax)?;
-            (Some(h), p)
-        } else {
-            match rest.split_once(':') {
-                Some((h, p)) => (Some(h), p),
-                None => (None, rest),
-            }
-        };
-        let port = go_port(port).ok_or_else(|| format!("{s:?}: invalid port {port:?}"))?;
-        let ip = match host {
-            None | Some("") => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Some("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Some(h) => h
-                .parse()
-                .map_err(|_| format!("{s:?}: bind address {h:?} is not an IP address"))?,
-        };
-        Ok(UpstreamArg {
-            name: name.to_string(),
-            kind,
-            bind: SocketAddr::new(ip, port),
-        })
-    }
-}
-
-/// A port in Go's `strconv.ParseInt(s, 0, 16)` syntax: decimal, `0x` hex,
-/// `0o`/leading-`0` octal, `0b` binary.
-fn go_port(s: &str) -> Option<u16> {
-    let (digits, radix) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        (h, 16)
-    } else if let Some(b) = s.strip_prefix("0b").or_else(|| s.strip_prefix("0B")) {
-        (b, 2)
-    } else if let Some(o) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
-        (o, 8)
-    } else if s.len() > 1 && s.starts_with('0') {
-        (&s[1..], 8)
-    } else {
-        (s, 10)
-    };
-    if digits.is_empty() || digits.starts_with(['+', '-']) {
-        return None;
-    }
-    u16::from_str_radix(digits, radix).ok()
-}
-
-/// One `-upstream-addr NAME=HOST:PORT[,HOST:PORT...]` flag.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamAddrArg {
-    /// The upstream these instances belong to.
-    pub name: String,
-    /// `HOST:PORT` strings, resolved when the configuration is built.
-    pub addrs: Vec<String>,
-}
-
-impl FromStr for UpstreamAddrArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, list) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT[,HOST:PORT...]"))?;
-        if name.is_empty() {
-            return Err(format!("{s:?}: missing upstream NAME before '='"));
-        }
-        let addrs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
-        for a in &addrs {
-            let port = a.rsplit_once(':').map(|(_, p)| p);
-            if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
-                return Err(format!("{s:?}: instance {a:?} is not HOST:PORT"));
-            }
-        }
-        Ok(UpstreamAddrArg {
-            name: name.to_string(),
-            addrs,
-        })
-    }
+    Cli::try_parse_from(goflags::go_style(
+        Cli::command(),
+        args.into_iter().map(Into::into).collect(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn verify_cli() {

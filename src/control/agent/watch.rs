@@ -20,38 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::{AgentError, Blocking, Reply};
-
-/// Timing of a watch loop.
-#[derive(Debug, Clone, Copy)]
-pub struct WatchPolicy {
-    /// `wait` sent with each blocking call. Default 5 min, Consul's default.
-    pub wait: Duration,
-    /// Steady-state minimum interval between calls (token refill). Default
-    /// 1 s: faster than any human change, slow enough to spare the agent
-    /// under churn.
-    pub min_interval: Duration,
-    /// First retry delay after an error. Default 1 s.
-    pub backoff_base: Duration,
-    /// Longest retry delay. Default 30 s: the agent coming back is noticed
-    /// within that, and a down agent sees two calls a minute per watcher.
-    pub backoff_max: Duration,
-    /// `-register`'s TTL heartbeat interval. Default 10 s, a third of the
-    /// 30 s TTL, as Consul's proxy does.
-    pub heartbeat: Duration,
-}
-
-impl Default for WatchPolicy {
-    fn default() -> WatchPolicy {
-        WatchPolicy {
-            wait: Duration::from_secs(300),
-            min_interval: Duration::from_secs(1),
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(30),
-            heartbeat: crate::register::HEARTBEAT,
-        }
-    }
-}
+use super::{AgentError, Blocking, Reply, WatchPolicy};
 
 /// Runs `fetch` as a blocking query until `cancel` fires, handing each
 /// successful value to `publish`. `name` identifies the watch in logs.
@@ -134,7 +103,7 @@ pub fn backoff(policy: WatchPolicy, failures: u32) -> Duration {
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let capped = exp.min(policy.backoff_max);
     let mut b = [0u8; 2];
-    let _ = crate::tls::provider().secure_random.fill(&mut b);
+    let _ = crate::identity::tls::provider().secure_random.fill(&mut b);
     let unit = u16::from_le_bytes(b) as f64 / u16::MAX as f64; // 0..=1
     capped.mul_f64(0.75 + unit * 0.5)
 }

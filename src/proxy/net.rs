@@ -118,7 +118,9 @@ pub fn tls_failure_reason(e: &PhaseError<io::Error>) -> &'static str {
             C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
         )) => "expired",
         Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => "untrusted",
-        Some(E::InvalidCertificate(C::Other(o))) if crate::tls::is_identity_error(o) => "identity",
+        Some(E::InvalidCertificate(C::Other(o))) if crate::identity::tls::is_identity_error(o) => {
+            "identity"
+        }
         Some(E::InvalidCertificate(_)) => "bad_certificate",
         Some(
             E::InvalidMessage(_)

@@ -1,0 +1,415 @@
+//! The supervisor: turns a [`Config`] into bound listeners and running
+//! tasks, in named phases, and stops everything through one [`Shutdown`].
+//!
+//! Start, in order: admin listener (so `/ready` can say "not yet") →
+//! registration (registration mode: the listener set) → credentials →
+//! bind every listener → serve inbound → `-register` → follow the listener
+//! set. Each phase is a function below; a failure in any of them stops
+//! what the earlier ones spawned.
+//!
+//! Owns: the order of start-up and shutdown, and which source feeds which
+//! listener. May import every part; no part imports it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::agent::ProxyIdentity;
+use crate::config::{AuthzSource, CertSource, Config, InboundConfig};
+use crate::control::agent::register::{self, Registration};
+use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
+use crate::control::{ListenerSet, Publisher, Receiver};
+use crate::identity::tls::Credentials;
+use crate::ops::admin::{self, Admin};
+use crate::ops::metrics::Metrics;
+use crate::proxy::balancer::InstanceState;
+use crate::proxy::splice::Timers;
+
+mod inbound;
+mod shutdown;
+mod status;
+mod upstreams;
+
+use inbound::{register_self, SelfRegistration, Wiring};
+pub use shutdown::Shutdown;
+use upstreams::{Settings, UpstreamSet};
+
+/// Errors starting the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("stopped before the agent delivered certificates")]
+    Cancelled,
+    #[error("configuration asks for the agent but no agent address was resolved")]
+    NoAgent,
+    #[error("proxy registration: {0}")]
+    Registration(String),
+}
+
+/// A running proxy.
+pub struct Running {
+    /// Where the public mTLS listener is bound, if there is one.
+    pub inbound: Option<SocketAddr>,
+    /// Where the admin listener is bound, if there is one.
+    pub admin: Option<SocketAddr>,
+    /// What the admin endpoints report on.
+    admin_state: Arc<Admin>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The upstream listeners, which registration mode changes at runtime.
+    upstreams: Arc<UpstreamSet>,
+    /// The one credentials channel: watchers and [`Running::rotate`]
+    /// publish, every listener reads.
+    credentials: Arc<Publisher<Credentials>>,
+    /// Our registration with the agent (`-register`), removed at shutdown.
+    registration: Option<SelfRegistration>,
+    shutdown: Shutdown,
+}
+
+/// Starts the proxy. With an agent, waits until it has delivered roots and a
+/// leaf that validate (and, in registration mode, the registration); then
+/// binds every listener and returns, so callers (and tests using port 0) can
+/// connect at once. `policy` times everything that talks to the agent.
+pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = Shutdown::new();
+    let on_error = shutdown.abort_on_drop();
+    let client = match &config.agent {
+        Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
+        None => None,
+    };
+    let admin = Arc::new(Admin::new(metrics.clone()));
+    let admin_addr = serve_admin(config.admin, &admin, &shutdown)?;
+    let listener_sets = match config.sidecar.clone() {
+        Some(identity) => {
+            let client = client.as_ref().ok_or(StartError::NoAgent)?;
+            let (rx, first) = follow_registration(client, &identity, policy, &shutdown).await?;
+            apply_registration(&mut config, &first);
+            Some((rx, first))
+        }
+        None => None,
+    };
+    let credentials = credentials(&config, &client, &metrics, policy, &shutdown).await?;
+    let creds_rx = credentials.subscribe();
+    let me = creds_rx
+        .latest()
+        .ok_or(StartError::Cancelled)?
+        .identity
+        .id
+        .clone();
+
+    let upstreams = Arc::new(UpstreamSet::new(
+        Settings {
+            me: me.clone(),
+            client: client.clone(),
+            credentials: creds_rx.clone(),
+            metrics: metrics.clone(),
+            timeouts: config.timeouts,
+            attempts: config.upstream_attempts,
+            timers: timers(&config),
+            max_conns: config.limits.upstream_conns,
+            ejection: config.ejection,
+            policy,
+        },
+        shutdown.clone(),
+    ));
+    // Bind everything before serving, so a failure leaves nothing behind.
+    let inbound_listener = match &config.inbound {
+        Some(i) => Some((bind("-listen", i.listen)?, i)),
+        None => None,
+    };
+    upstreams.bind_all(&config.upstreams)?;
+
+    let mut inbound_addr = None;
+    let mut self_registration = None;
+    if let Some((listener, i)) = inbound_listener {
+        let wiring = Wiring {
+            config: &config,
+            client: &client,
+            metrics: &metrics,
+            policy,
+            shutdown: &shutdown,
+        };
+        let addr = wiring.serve_inbound(listener, i, &me, creds_rx.clone())?;
+        inbound_addr = Some(addr);
+        if let (Some(suffix), Some(client)) = (&config.register, &client) {
+            let reg = Registration::new(&config.service, suffix.as_deref(), addr);
+            self_registration = Some(
+                register_self(client, reg, policy.heartbeat, creds_rx.clone(), &shutdown).await,
+            );
+        }
+    }
+
+    admin.set_status(status::status_fn(
+        config.service.clone(),
+        inbound_addr,
+        creds_rx,
+        upstreams.clone(),
+    ));
+    admin.set_ready(true);
+    on_error.disarm();
+
+    if let Some((rx, first)) = listener_sets {
+        let set = upstreams.clone();
+        shutdown
+            .control
+            .spawn(async move { set.follow(rx, first).await });
+    }
+    Ok(Running {
+        inbound: inbound_addr,
+        admin: admin_addr,
+        admin_state: admin,
+        metrics,
+        upstreams,
+        credentials,
+        registration: self_registration,
+        shutdown,
+    })
+}
+
+/// Phase 1: the admin listener, so `/ready` can say "not yet" while the
+/// rest starts.
+fn serve_admin(
+    addr: Option<SocketAddr>,
+    admin: &Arc<Admin>,
+    shutdown: &Shutdown,
+) -> Result<Option<SocketAddr>, StartError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = bind("-admin-addr", addr)?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(listen = %bound, "admin listener ready (/metrics /ready /live /status)");
+    shutdown.control.spawn(admin::serve(
+        listener,
+        admin.clone(),
+        shutdown.control.clone(),
+        shutdown.halt.clone(),
+    ));
+    Ok(Some(bound))
+}
+
+/// Phase 2 (registration mode): follows the proxy's registration and waits
+/// for its first usable listener set.
+async fn follow_registration(
+    client: &AgentClient,
+    identity: &ProxyIdentity,
+    policy: WatchPolicy,
+    shutdown: &Shutdown,
+) -> Result<(Receiver<ListenerSet>, Arc<ListenerSet>), StartError> {
+    let proxy_id = registration::proxy_id(client, identity)
+        .await
+        .map_err(StartError::Registration)?;
+    let publisher = Arc::new(Publisher::new());
+    let mut rx = publisher.subscribe();
+    shutdown.control.spawn(registration::follow(
+        client.clone(),
+        proxy_id.clone(),
+        publisher,
+        policy,
+        shutdown.halt.clone(),
+    ));
+    tracing::info!(proxy_id = %proxy_id, "waiting for the proxy registration");
+    let first = rx.ready().await.ok_or(StartError::Cancelled)?;
+    Ok((rx, first))
+}
+
+/// Fills the parts of `config` a listener set decides.
+fn apply_registration(config: &mut Config, set: &ListenerSet) {
+    config.service = set.service.clone();
+    config.inbound = set.listen.map(|listen| InboundConfig {
+        listen,
+        service_addr: set.service_addr.clone(),
+        authz: AuthzSource::Agent {
+            fallback_window: config.authz_fallback_window,
+            recheck_every: config.reauthorize_interval,
+        },
+    });
+    config.upstreams = set.upstreams.clone();
+    if let Some(t) = set.local_connect_timeout {
+        config.timeouts.local_connect = t;
+    }
+    if let Some(t) = set.handshake_timeout {
+        config.timeouts.handshake = t;
+    }
+}
+
+/// Phase 3: the credentials channel, with its first value in it. Nothing is
+/// bound before we can do mTLS.
+async fn credentials(
+    config: &Config,
+    client: &Option<AgentClient>,
+    metrics: &Arc<Metrics>,
+    policy: WatchPolicy,
+    shutdown: &Shutdown,
+) -> Result<Arc<Publisher<Credentials>>, StartError> {
+    let m = metrics.clone();
+    let publisher = Arc::new(Publisher::new().on_publish(move |c: &Credentials, first| {
+        m.leaf_expiry.set(c.leaf_not_after);
+        if !first {
+            m.rotations.inc();
+        }
+    }));
+    match (&config.certs, client) {
+        (CertSource::Files(c), _) => publisher.publish(c.clone()),
+        (CertSource::Agent, None) => return Err(StartError::NoAgent),
+        (CertSource::Agent, Some(client)) => {
+            shutdown.control.spawn(credentials::credentials(
+                client.clone(),
+                config.service.clone(),
+                publisher.clone(),
+                policy,
+                shutdown.halt.clone(),
+            ));
+            tracing::info!(service = %config.service, "waiting for certificates from the agent");
+            publisher
+                .subscribe()
+                .ready()
+                .await
+                .ok_or(StartError::Cancelled)?;
+        }
+    }
+    Ok(publisher)
+}
+
+/// Binds `addr` for the listener `what` names (a flag, for the error).
+fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    crate::proxy::net::listen(addr).map_err(|source| StartError::Bind {
+        what: what.to_string(),
+        addr,
+        source,
+    })
+}
+
+fn timers(config: &Config) -> Timers {
+    Timers {
+        idle: config.idle_timeout,
+        lifetime: config.max_lifetime,
+    }
+}
+
+impl Running {
+    /// The bound address of upstream `name`.
+    pub fn upstream(&self, name: &str) -> Option<SocketAddr> {
+        self.upstreams.addr(name)
+    }
+
+    /// The names of the upstreams being served.
+    pub fn upstream_names(&self) -> Vec<String> {
+        self.upstreams.names()
+    }
+
+    /// Upstream `name`'s instances and their passive health.
+    pub fn instances(&self, name: &str) -> Option<Vec<InstanceState>> {
+        self.upstreams.instances(name)
+    }
+
+    /// Replaces the credentials used by new connections. Connections already
+    /// established keep the ones they started with.
+    pub fn rotate(&self, credentials: Arc<Credentials>) {
+        self.credentials.publish(credentials);
+    }
+
+    /// The credentials new connections use now.
+    pub fn credentials(&self) -> Option<Arc<Credentials>> {
+        self.credentials.subscribe().latest()
+    }
+
+    /// Deregisters (with `-register`), stops accepting, lets open
+    /// connections finish for up to `grace`, closes the rest, then stops the
+    /// control plane. Returns true if every connection finished on its own.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        // Not ready any more: health checks stop sending work first.
+        self.admin_state.set_ready(false);
+        // Deregister first, so the catalog stops sending traffic our way
+        // while we drain.
+        if let Some(r) = &self.registration {
+            r.beat.cancel();
+            match register::deregister(&r.client, &r.reg).await {
+                Ok(()) => tracing::info!(id = %r.reg.id, "deregistered from the agent"),
+                Err(e) => tracing::warn!(id = %r.reg.id, error = %e, "deregistration failed"),
+            }
+        }
+        self.shutdown.drain(grace).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Discovery, UpstreamConfig};
+
+    #[test]
+    fn a_listener_set_decides_identity_listeners_and_its_timeouts() {
+        let args = crate::cli::parse(["ferry", "-sidecar-for", "api-1"]).unwrap();
+        let (mut config, _) =
+            Config::from_args(&args.proxy, &[("CONSUL_HTTP_ADDR", "127.0.0.1:8500")]).unwrap();
+        let before = config.timeouts;
+        let db = UpstreamConfig {
+            name: "db".into(),
+            bind: "127.0.0.1:9191".parse().unwrap(),
+            discovery: Discovery::Service { datacenter: None },
+            deadline: None,
+        };
+        apply_registration(
+            &mut config,
+            &ListenerSet {
+                service: "api".into(),
+                listen: Some("0.0.0.0:21000".parse().unwrap()),
+                service_addr: "127.0.0.1:8080".into(),
+                local_connect_timeout: None,
+                handshake_timeout: Some(Duration::from_secs(3)),
+                upstreams: vec![db.clone()],
+            },
+        );
+        assert_eq!(config.service, "api");
+        let i = config.inbound.as_ref().expect("public listener");
+        assert_eq!(i.listen, "0.0.0.0:21000".parse().unwrap());
+        assert_eq!(i.service_addr, "127.0.0.1:8080");
+        assert!(
+            matches!(i.authz, AuthzSource::Agent { recheck_every, .. } if recheck_every == config.reauthorize_interval),
+            "intentions come from the agent, with the flags' timing"
+        );
+        assert_eq!(config.upstreams, [db]);
+        assert_eq!(config.timeouts.handshake, Duration::from_secs(3));
+        assert_eq!(
+            config.timeouts.local_connect, before.local_connect,
+            "unset: flag value kept"
+        );
+
+        let mut no_listener = config.clone();
+        apply_registration(
+            &mut no_listener,
+            &ListenerSet {
+                service: "api".into(),
+                listen: None,
+                service_addr: String::new(),
+                local_connect_timeout: None,
+                handshake_timeout: None,
+                upstreams: Vec::new(),
+            },
+        );
+        assert!(no_listener.inbound.is_none(), "port 0: no public listener");
+    }
+
+    #[tokio::test]
+    async fn a_bind_failure_names_the_flag() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = bind("-listen", addr).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("-listen: cannot listen on {addr}")),
+            "{text}"
+        );
+    }
+}
