@@ -18,8 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authz::Authorizer;
 use super::Timeouts;
+use crate::authz::Authorizer;
 use crate::identity::peer_identity;
 use crate::identity::tls::Credentials;
 use crate::ops::metrics::{Metrics, ReasonLabel};
@@ -180,7 +180,7 @@ async fn handle(
     ctx.metrics.inbound_bytes_out.inc_by(done.b_to_a);
     report.spliced(done, "peer", "local app");
     if let Some(why) = live.as_ref().and_then(|l| l.revoked()) {
-        report.detail = why.to_string();
+        report.revoked(why);
     }
     report
 }

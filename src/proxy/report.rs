@@ -20,25 +20,42 @@ pub enum Direction {
     Upstream,
 }
 
-/// How a connection ended.
-#[derive(Debug)]
+/// How a connection ended: the access log's `outcome` and the `outcome`
+/// label of `ferry_connections_closed_total`. A fixed set; `detail` says
+/// the rest in words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Bytes flowed and both sides closed (or the idle timeout fired, or the
-    /// proxy shut down — `detail` says which).
+    /// Bytes flowed and both sides closed, or the idle timeout or maximum
+    /// lifetime ended it (`detail` says which).
     Done,
     /// Refused by intentions.
     Denied,
-    /// Failed in `phase`.
+    /// Failed in `phase` (handshake, dial, a reset mid-stream, ...).
     Failed,
+    /// Closed before it was served because a limit or a bound was reached
+    /// (e.g. still no certificates when the wait for them ran out).
+    Refused,
+    /// An established connection closed because intentions no longer allow
+    /// its source.
+    Revoked,
+    /// Still open when the drain timeout ended; closed by shutdown.
+    Drained,
+    /// A handshake closed to make room for newer ones while the budget of
+    /// pending handshakes was full.
+    Evicted,
 }
 
 impl Outcome {
-    /// The metrics label.
+    /// The stable name, for the log and the metrics label.
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Done => "done",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",
+            Outcome::Refused => "refused",
+            Outcome::Revoked => "revoked",
+            Outcome::Drained => "drained",
+            Outcome::Evicted => "evicted",
         }
     }
 }
@@ -124,7 +141,10 @@ impl Report {
             End::Closed => self.detail = format!("closed{trunc}"),
             End::Idle => self.detail = "idle timeout".into(),
             End::Lifetime => self.detail = "maximum lifetime reached".into(),
-            End::Cancelled => self.detail = "proxy shutting down".into(),
+            End::Cancelled => {
+                self.outcome = Outcome::Drained;
+                self.detail = "proxy shutting down".into();
+            }
             End::Error(leg, e) => {
                 let side = if leg == Leg::A { a_name } else { b_name };
                 self.outcome = Outcome::Failed;
@@ -133,39 +153,54 @@ impl Report {
         }
     }
 
-    /// Logs the one line for this connection.
+    /// Marks an established connection closed by a policy change.
+    pub fn revoked(&mut self, why: &str) {
+        self.outcome = Outcome::Revoked;
+        self.detail = why.to_string();
+    }
+
+    /// Logs the one line for this connection, under the log target
+    /// `ferry::access` (so it can be filtered and never collides with the
+    /// connection's own fields). Evicted handshakes log at debug: a flood
+    /// is reported once per burst by the admission control instead.
     pub fn log(&self) {
         let dir = match self.direction {
             Direction::Inbound => "inbound",
             Direction::Upstream => "upstream",
         };
-        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // Milliseconds to the microsecond, as a JSON number.
+        let ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let source = self.source.as_deref().unwrap_or("-");
         let destination = self.destination.as_deref().unwrap_or("-");
         let target = self.target.as_deref().unwrap_or("-");
         macro_rules! line {
             ($lvl:ident, $msg:literal) => {
                 tracing::$lvl!(
+                    target: "ferry::access",
                     direction = dir,
                     peer = %self.peer,
                     service = %self.service,
                     source,
                     destination,
-                    target,
+                    target_addr = target,
                     phase = self.phase.as_str(),
                     attempts = self.attempts,
                     bytes_in = self.bytes_in,
                     bytes_out = self.bytes_out,
-                    duration_ms = format_args!("{ms:.1}"),
+                    duration_ms = ms,
+                    outcome = self.outcome.label(),
                     detail = %self.detail,
                     $msg
                 )
             };
         }
         match self.outcome {
-            Outcome::Done => line!(info, "connection closed"),
+            Outcome::Done | Outcome::Drained => line!(info, "connection closed"),
+            Outcome::Revoked => line!(warn, "connection revoked"),
             Outcome::Denied => line!(warn, "connection denied"),
             Outcome::Failed => line!(warn, "connection failed"),
+            Outcome::Refused => line!(warn, "connection refused"),
+            Outcome::Evicted => line!(debug, "connection evicted"),
         }
     }
 }

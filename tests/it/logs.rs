@@ -49,6 +49,7 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
         format!("source=\"{}\"", pki.uri("billing")),
         format!("destination=\"{}\"", pki.uri("api")),
         "phase=\"authorize\"".to_string(),
+        "outcome=\"denied\"".to_string(),
         "detail=default deny (deny)".to_string(),
     ] {
         assert!(
@@ -68,11 +69,12 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
     let closed = ferry.line("connection closed").await;
     for want in [
         format!("source=\"{}\"", pki.uri("web")),
-        format!("target=\"{app_addr}\""),
+        format!("target_addr=\"{app_addr}\""),
         "phase=\"splice\"".to_string(),
         "bytes_in=11".to_string(),
         "bytes_out=11".to_string(),
         "duration_ms=".to_string(),
+        "outcome=\"done\"".to_string(),
         "detail=closed".to_string(),
     ] {
         assert!(

@@ -23,20 +23,92 @@ const LEAF_API: &str = "/v1/agent/connect/ca/leaf/api";
 /// How long a future that must stay pending is given to (wrongly) finish.
 const STILL_PENDING: Duration = Duration::from_millis(300);
 /// The fields of the access-log line, in order.
-const LOG_FIELDS: [&str; 12] = [
+const LOG_FIELDS: [&str; 13] = [
     "direction",
     "peer",
     "service",
     "source",
     "destination",
-    "target",
+    "target_addr",
     "phase",
     "attempts",
     "bytes_in",
     "bytes_out",
     "duration_ms",
+    "outcome",
     "detail",
 ];
+
+/// The documented JSON type of each access-log key (README, "Access log").
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Text,
+    Count,
+    Millis,
+}
+
+const LOG_SCHEMA: [(&str, Kind); 17] = [
+    ("timestamp", Kind::Text),
+    ("level", Kind::Text),
+    ("target", Kind::Text),
+    ("message", Kind::Text),
+    ("direction", Kind::Text),
+    ("peer", Kind::Text),
+    ("service", Kind::Text),
+    ("source", Kind::Text),
+    ("destination", Kind::Text),
+    ("target_addr", Kind::Text),
+    ("phase", Kind::Text),
+    ("attempts", Kind::Count),
+    ("bytes_in", Kind::Count),
+    ("bytes_out", Kind::Count),
+    ("duration_ms", Kind::Millis),
+    ("outcome", Kind::Text),
+    ("detail", Kind::Text),
+];
+
+/// The fixed set of `outcome` values.
+const OUTCOMES: [&str; 7] = [
+    "done", "denied", "failed", "refused", "revoked", "drained", "evicted",
+];
+
+/// One JSON object whose keys are all distinct: unlike `serde_json::Value`,
+/// which keeps the last of two equal keys, this refuses the line.
+struct StrictObject(serde_json::Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for StrictObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StrictObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object with distinct keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StrictObject, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(StrictObject(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Parses a log line strictly: a JSON object, no key twice.
+fn strict_json(line: &str) -> Value {
+    match serde_json::from_str::<StrictObject>(line) {
+        Ok(StrictObject(map)) => Value::Object(map),
+        Err(e) => panic!("not a strict JSON object ({e}): {line}"),
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -669,10 +741,8 @@ async fn access_log_line_has_every_field() {
 #[tokio::test]
 async fn json_access_log_line_has_every_field() {
     let (pki, lines) = access_log(&["-log-json"]).await;
-    let parsed: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    // Every line of the run, not only the access lines, is strict JSON.
+    let parsed: Vec<Value> = lines.iter().map(|l| strict_json(l)).collect();
     assert!(parsed.iter().all(Value::is_object));
     for msg in ["connection closed", "connection denied"] {
         let v = parsed
@@ -700,6 +770,35 @@ async fn json_access_log_line_has_every_field() {
         .unwrap();
     assert_eq!(denied["source"], pki.uri("billing"));
     assert_eq!(denied["phase"], "authorize");
+    assert_eq!(denied["outcome"], "denied");
+    assert_eq!(closed["outcome"], "done");
+    assert_eq!(closed["detail"], "closed");
+    assert_eq!(
+        closed["target"], "ferry::access",
+        "the logger's target is its own"
+    );
+
+    // Every access line, whatever its outcome, has each documented key
+    // with its documented type.
+    let access: Vec<&Value> = parsed
+        .iter()
+        .filter(|v| v["target"] == "ferry::access")
+        .collect();
+    assert!(access.len() >= 2, "{lines:#?}");
+    for v in access {
+        for (key, kind) in LOG_SCHEMA {
+            let f = &v[key];
+            let ok = match kind {
+                Kind::Text => f.is_string(),
+                Kind::Count => f.is_u64(),
+                Kind::Millis => f.is_f64() || f.is_u64(),
+            };
+            assert!(ok, "{key} should be {kind:?}, is {f} in {v}");
+        }
+        let outcome = v["outcome"].as_str().unwrap();
+        assert!(OUTCOMES.contains(&outcome), "outcome {outcome:?} in {v}");
+        assert!(v["duration_ms"].as_f64().unwrap() >= 0.0);
+    }
 }
 
 // ---------------------------------------------------------------------------
