@@ -18,8 +18,8 @@ use crate::control::agent::revoke::{self, Revoker};
 use crate::control::agent::{AgentClient, WatchPolicy};
 use crate::control::Receiver;
 use crate::identity::tls::Credentials;
-use crate::identity::SpiffeId;
 use crate::ops::metrics::Metrics;
+use crate::proxy::admission::Admission;
 use crate::proxy::inbound;
 use crate::proxy::limits::Limit;
 use crate::proxy::live::LiveConns;
@@ -45,13 +45,12 @@ impl Wiring<'_> {
         &self,
         listener: TcpListener,
         i: &InboundConfig,
-        me: &SpiffeId,
         credentials: Receiver<Credentials>,
     ) -> Result<SocketAddr, StartError> {
         let addr = listener.local_addr().unwrap_or(i.listen);
         let authz = self.authorizer(i)?;
         let ctx = context(self.config, i, authz, credentials, self.metrics);
-        tracing::info!(identity = %me, listen = %addr, service_addr = %i.service_addr, "inbound listener ready");
+        tracing::info!(service = %self.config.service, listen = %addr, service_addr = %i.service_addr, "inbound listener ready");
         self.shutdown.conns.spawn(inbound::serve(
             listener,
             Arc::new(ctx),
@@ -125,12 +124,12 @@ fn context(
             "inbound",
             metrics.refusals("inbound", "max_conns"),
         ),
-        handshake_limit: Limit::new(
-            config.limits.handshakes,
-            "-max-handshakes",
+        admission: Arc::new(Admission::new(
             "inbound",
-            metrics.refusals("inbound", "max_handshakes"),
-        ),
+            config.limits.handshakes,
+            config.limits.handshakes_per_source,
+            metrics,
+        )),
         metrics: metrics.clone(),
         live,
     }

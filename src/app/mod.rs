@@ -2,8 +2,9 @@
 //! tasks, in named phases, and stops everything through one [`Shutdown`].
 //!
 //! Start, in order: admin listener (so `/ready` can say "not yet") →
-//! registration (registration mode: the listener set) → credentials →
-//! bind every listener → serve inbound → `-register` → follow the listener
+//! registration (registration mode: the listener set) → the credentials
+//! channel → bind and serve every listener → wait for the first
+//! credentials → upstream discovery → `-register` → follow the listener
 //! set. Each phase is a function below; a failure in any of them stops
 //! what the earlier ones spawned.
 //!
@@ -75,10 +76,13 @@ pub struct Running {
     shutdown: Shutdown,
 }
 
-/// Starts the proxy. With an agent, waits until it has delivered roots and a
-/// leaf that validate (and, in registration mode, the registration); then
-/// binds every listener and returns, so callers (and tests using port 0) can
-/// connect at once. `policy` times everything that talks to the agent.
+/// Starts the proxy. In registration mode, waits for the registration;
+/// then binds every listener, so connections are accepted from then on;
+/// then, with an agent, waits until it has delivered roots and a leaf that
+/// validate, and returns. Connections that arrive before the certificates
+/// wait for them, bounded by the handshake timeout (inbound) or the
+/// upstream deadline, so callers (and tests using port 0) can connect at
+/// once and `/ready` turns 200 only when everything serves. `policy` times everything that talks to the agent.
 pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
     let shutdown = Shutdown::new();
@@ -98,18 +102,11 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         }
         None => None,
     };
-    let credentials = credentials(&config, &client, &metrics, policy, &shutdown).await?;
-    let creds_rx = credentials.subscribe();
-    let me = creds_rx
-        .latest()
-        .ok_or(StartError::Cancelled)?
-        .identity
-        .id
-        .clone();
+    let credentials = credentials(&config, &client, &metrics, policy, &shutdown)?;
+    let mut creds_rx = credentials.subscribe();
 
     let upstreams = Arc::new(UpstreamSet::new(
         Settings {
-            me: me.clone(),
             client: client.clone(),
             credentials: creds_rx.clone(),
             metrics: metrics.clone(),
@@ -122,15 +119,15 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         },
         shutdown.clone(),
     ));
-    // Bind everything before serving, so a failure leaves nothing behind.
+    // Bind everything before serving, so a failure leaves nothing behind,
+    // and before the certificates arrive, so an app that starts first is
+    // never refused: its connections wait (bounded) for them.
     let inbound_listener = match &config.inbound {
         Some(i) => Some((bind("-listen", i.listen)?, i)),
         None => None,
     };
     upstreams.bind_all(&config.upstreams)?;
-
     let mut inbound_addr = None;
-    let mut self_registration = None;
     if let Some((listener, i)) = inbound_listener {
         let wiring = Wiring {
             config: &config,
@@ -139,14 +136,23 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             policy,
             shutdown: &shutdown,
         };
-        let addr = wiring.serve_inbound(listener, i, &me, creds_rx.clone())?;
-        inbound_addr = Some(addr);
-        if let (Some(suffix), Some(client)) = (&config.register, &client) {
-            let reg = Registration::new(&config.service, suffix.as_deref(), addr);
-            self_registration = Some(
-                register_self(client, reg, policy.heartbeat, creds_rx.clone(), &shutdown).await,
-            );
-        }
+        inbound_addr = Some(wiring.serve_inbound(listener, i, creds_rx.clone())?);
+    }
+
+    let me = creds_rx
+        .ready()
+        .await
+        .ok_or(StartError::Cancelled)?
+        .identity
+        .id
+        .clone();
+    upstreams.start_discovery(&me);
+    tracing::info!(identity = %me, "certificates ready: serving");
+    let mut self_registration = None;
+    if let (Some(suffix), Some(client), Some(addr)) = (&config.register, &client, inbound_addr) {
+        let reg = Registration::new(&config.service, suffix.as_deref(), addr);
+        self_registration =
+            Some(register_self(client, reg, policy.heartbeat, creds_rx.clone(), &shutdown).await);
     }
 
     admin.set_status(status::status_fn(
@@ -243,9 +249,9 @@ fn apply_registration(config: &mut Config, set: &ListenerSet) {
     }
 }
 
-/// Phase 3: the credentials channel, with its first value in it. Nothing is
-/// bound before we can do mTLS.
-async fn credentials(
+/// Phase 3: the credentials channel: filled at once from files, or by the
+/// agent watcher it starts (start waits for the first value after binding).
+fn credentials(
     config: &Config,
     client: &Option<AgentClient>,
     metrics: &Arc<Metrics>,
@@ -271,11 +277,6 @@ async fn credentials(
                 shutdown.halt.clone(),
             ));
             tracing::info!(service = %config.service, "waiting for certificates from the agent");
-            publisher
-                .subscribe()
-                .ready()
-                .await
-                .ok_or(StartError::Cancelled)?;
         }
     }
     Ok(publisher)

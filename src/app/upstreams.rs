@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -31,8 +31,6 @@ const QUERY_REFRESH: Duration = Duration::from_secs(30);
 
 /// What every upstream listener shares.
 pub struct Settings {
-    /// Our identity; an upstream's expected identity is this with its name.
-    pub me: SpiffeId,
     /// Where instances are discovered, when not static.
     pub client: Option<AgentClient>,
     /// Our credentials, read per connection.
@@ -52,6 +50,11 @@ pub struct Settings {
 pub struct UpstreamSet {
     settings: Settings,
     shutdown: Shutdown,
+    /// Our identity, once the first certificates arrived; an upstream's
+    /// expected identity is this with its name. Until then listeners accept
+    /// and their connections wait, but discovery cannot start: the SNI and
+    /// the identity to verify depend on our trust domain.
+    me: OnceLock<SpiffeId>,
     /// std lock: held for map updates only, never across an await.
     live: Mutex<BTreeMap<String, Handle>>,
 }
@@ -63,8 +66,9 @@ struct Handle {
     balancer: Arc<Balancer>,
     /// Ends this listener's accept loop (child of `stop`).
     stop: CancellationToken,
-    /// Ends this upstream's discovery watch (child of `halt`).
-    discovery: CancellationToken,
+    /// Ends this upstream's discovery watch (child of `halt`); `None` until
+    /// discovery started.
+    discovery: Option<CancellationToken>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -81,6 +85,7 @@ impl UpstreamSet {
         UpstreamSet {
             settings,
             shutdown,
+            me: OnceLock::new(),
             live: Mutex::new(BTreeMap::new()),
         }
     }
@@ -108,7 +113,7 @@ impl UpstreamSet {
         let addr = listener.local_addr().unwrap_or(u.bind);
         let m = s.metrics.upstream(&u.name);
         let balancer = Arc::new(Balancer::new(s.ejection).with_gauge(m.instances.clone()));
-        let discovery = self.discover(&u, &balancer);
+        let discovery = self.me.get().map(|me| self.discover(me, &u, &balancer));
         let mut timeouts = s.timeouts;
         if let Some(d) = u.deadline {
             timeouts.upstream_deadline = d;
@@ -130,8 +135,7 @@ impl UpstreamSet {
             m,
         });
         let stop = self.shutdown.stop.child_token();
-        let target = self.target(&u.name);
-        tracing::info!(upstream = %u.name, listen = %addr, sni = %target.sni(), "upstream listener ready");
+        tracing::info!(upstream = %u.name, listen = %addr, "upstream listener ready");
         let accept_loop = self.shutdown.conns.spawn(upstream::serve(
             listener,
             ctx,
@@ -153,17 +157,33 @@ impl UpstreamSet {
         );
     }
 
-    fn target(&self, name: &str) -> SpiffeId {
-        SpiffeId {
-            service: name.to_string(),
-            ..self.settings.me.clone()
+    /// Our identity is known (first certificates): starts discovery for
+    /// every listener bound so far; later ones start at once.
+    pub fn start_discovery(&self, me: &SpiffeId) {
+        if self.me.set(me.clone()).is_err() {
+            return;
+        }
+        let mut live = self.lock();
+        for h in live.values_mut() {
+            if h.discovery.is_none() {
+                h.discovery = Some(self.discover(me, &h.config, &h.balancer));
+            }
         }
     }
 
     /// Fills `balancer` from static addresses, or starts its discovery watch.
-    fn discover(&self, u: &UpstreamConfig, balancer: &Arc<Balancer>) -> CancellationToken {
+    fn discover(
+        &self,
+        me: &SpiffeId,
+        u: &UpstreamConfig,
+        balancer: &Arc<Balancer>,
+    ) -> CancellationToken {
         let token = self.shutdown.halt.child_token();
-        let target = self.target(&u.name);
+        let target = SpiffeId {
+            service: u.name.clone(),
+            ..me.clone()
+        };
+        tracing::info!(upstream = %u.name, sni = %target.sni(), "discovering upstream instances");
         let d = match &u.discovery {
             Discovery::Static(list) => {
                 balancer.set_instances(
@@ -205,7 +225,9 @@ impl UpstreamSet {
             return;
         };
         h.stop.cancel();
-        h.discovery.cancel();
+        if let Some(d) = &h.discovery {
+            d.cancel();
+        }
         // Wait for the accept loop to drop its socket, so the port can be
         // bound again at once (a changed upstream often keeps its port).
         let _ = h.accept_loop.await;

@@ -219,8 +219,9 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     pub reauthorize_interval: GoDuration,
 
-    /// Most inbound connections open at once; more are refused at accept
-    /// (0: no limit). Default 1024: at up to about 64 KiB each (buffers and
+    /// Most established inbound connections (handshake done) at once; while
+    /// all are taken, newcomers are refused at accept (0: no limit). Pending
+    /// handshakes have their own budget, -max-handshakes. Default 1024: at up to about 64 KiB each (buffers and
     /// TLS state) that is 64 MiB, within a sidecar's usual 128 MB, and far
     /// above what one service instance normally holds.
     #[arg(long, default_value = "1024", value_name = "N")]
@@ -231,13 +232,22 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "1024", value_name = "N")]
     pub max_upstream_conns: usize,
 
-    /// Most inbound TLS handshakes in progress at once; more connections are
-    /// refused at accept (0: no limit). Default 128: a handshake costs about
-    /// a quarter of a millisecond of CPU, so 128 is far more than one core
-    /// finishes in a handshake timeout's worth of honest traffic, while a
-    /// flood of clients that never finish cannot tie up more than that.
+    /// Budget of inbound TLS handshakes in progress (0: no budget). When it
+    /// is full a newcomer is not refused: the pending handshake that made
+    /// least progress (sent nothing, then a partial ClientHello), oldest
+    /// first, is closed to make room, and while it is three quarters full a
+    /// handshake older than 2 s is closed too. Default 128: a handshake costs
+    /// about a quarter of a millisecond of CPU, so 128 is far more than one
+    /// core finishes in a handshake timeout's worth of honest traffic, while
+    /// a flood of clients that never finish holds no more than that.
     #[arg(long, default_value = "128", value_name = "N")]
     pub max_handshakes: usize,
+
+    /// Share of -max-handshakes one source address may hold (0: no cap);
+    /// past it, that address's own least promising handshake makes room.
+    /// Default 32, a quarter of the default budget.
+    #[arg(long, default_value = "32", value_name = "N")]
+    pub max_handshakes_per_source: usize,
 
     /// Close any connection this long after it started (0: never).
     #[arg(long, default_value = "0", value_name = "DURATION")]

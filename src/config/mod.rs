@@ -184,8 +184,12 @@ pub struct Limits {
     pub conns: usize,
     /// `-max-upstream-conns`: connections open at once per upstream.
     pub upstream_conns: usize,
-    /// `-max-handshakes`: inbound TLS handshakes in progress at once.
+    /// `-max-handshakes`: the budget of inbound TLS handshakes in progress;
+    /// when full, the least promising one is closed to make room.
     pub handshakes: usize,
+    /// `-max-handshakes-per-source`: the share of that budget one source
+    /// address may hold.
+    pub handshakes_per_source: usize,
 }
 
 /// What the flags say about where the proxy's identity, listeners and
@@ -285,6 +289,7 @@ fn common(args: &ProxyArgs) -> Result<Common, ConfigError> {
             conns: args.max_conns,
             upstream_conns: args.max_upstream_conns,
             handshakes: args.max_handshakes,
+            handshakes_per_source: args.max_handshakes_per_source,
         },
         admin,
         authz_fallback_window: args.authz_fallback_window.0,

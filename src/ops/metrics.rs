@@ -59,6 +59,22 @@ pub struct RefusedLabel {
     pub limit: &'static str,
 }
 
+/// Labels for per-listener series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `inbound` or the upstream's name.
+    pub listener: String,
+}
+
+/// Labels for a pending handshake closed to make room.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabel {
+    pub listener: String,
+    /// `budget` (the pending budget was full), `source` (its address held
+    /// its share), `slow` (older than the deadline under pressure).
+    pub reason: &'static str,
+}
+
 /// Labels for a completed TLS handshake.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabel {
@@ -214,6 +230,10 @@ pub struct Metrics {
     pub closed: Family<ClosedLabel, Counter>,
     /// Connections refused by a limit, by listener and limit.
     pub refused: Family<RefusedLabel, Counter>,
+    /// Handshakes in progress, by listener.
+    pub pending: Family<ListenerLabel, Gauge>,
+    /// Pending handshakes closed to make room, by listener and reason.
+    pub evictions: Family<EvictionLabel, Counter>,
     /// Upstream connections accepted from the local app.
     pub upstream_accepted: Labeled<UpstreamLabel>,
     /// Upstream connections open now.
@@ -298,6 +318,8 @@ impl Metrics {
             inbound_bytes_out: Counter::default(),
             closed: Family::default(),
             refused: Family::default(),
+            pending: Family::default(),
+            evictions: Family::default(),
             upstream_accepted: Labeled::default(),
             upstream_active: LabeledGauge::default(),
             upstream_attempt_failed: Labeled::default(),
@@ -362,6 +384,16 @@ impl Metrics {
             "connections_closed",
             "Connections closed, by direction, service and outcome",
             m.closed.clone(),
+        );
+        r.register(
+            "handshakes_pending",
+            "TLS handshakes in progress (connections not yet established)",
+            m.pending.clone(),
+        );
+        r.register(
+            "handshake_evictions",
+            "Pending handshakes closed to make room for newer ones, by reason",
+            m.evictions.clone(),
         );
         r.register(
             "connections_refused",
@@ -447,6 +479,21 @@ impl Metrics {
             bytes_in: self.upstream_bytes_in.handle(&l),
             instances: self.upstream_instances.handle(&l),
         }
+    }
+
+    /// The gauge of handshakes pending on `listener`.
+    pub fn pending(&self, listener: &str) -> Gauge {
+        self.pending.get_or_create_owned(&ListenerLabel {
+            listener: listener.to_string(),
+        })
+    }
+
+    /// The eviction counter of `listener` for `reason`.
+    pub fn evictions(&self, listener: &str, reason: &'static str) -> Counter {
+        self.evictions.get_or_create_owned(&EvictionLabel {
+            listener: listener.to_string(),
+            reason,
+        })
     }
 
     /// The refusal counter for `limit` on `listener`.

@@ -7,27 +7,32 @@
 //! and handshakes lazily, a peer that is not allowed never causes a
 //! connection to the app.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustls::server::Acceptor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::admission::{Admission, Eviction, Pending, Progress};
+use super::limits::Limit;
+use super::live::LiveConns;
+use super::net::{self, Phase, PhaseError};
+use super::report::{Direction, Outcome, Report};
+use super::splice::{splice, Timers};
 use super::Timeouts;
 use crate::authz::Authorizer;
 use crate::identity::peer_identity;
 use crate::identity::tls::Credentials;
 use crate::ops::metrics::{Metrics, ReasonLabel};
-use crate::proxy::limits::Limit;
-use crate::proxy::live::LiveConns;
-use crate::proxy::net::{self, Phase};
-use crate::proxy::report::{Direction, Outcome, Report};
-use crate::proxy::splice::{splice, Timers};
 use crate::snapshot::Receiver;
 
 /// What every inbound connection shares.
@@ -40,10 +45,12 @@ pub(crate) struct Inbound {
     pub timeouts: Timeouts,
     /// Idle timeout and maximum lifetime of a connection.
     pub timers: Timers,
-    /// `-max-conns`: held for a connection's whole life.
+    /// `-max-conns`: the budget of established connections, taken when the
+    /// handshake is done and held for the connection's life.
     pub conn_limit: Limit,
-    /// `-max-handshakes`: held until the handshake is done.
-    pub handshake_limit: Limit,
+    /// `-max-handshakes`: the budget of pending handshakes, which makes
+    /// room by closing the least promising one.
+    pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
     /// Live connections, when decisions can change under them (agent mode).
     pub live: Option<Arc<LiveConns>>,
@@ -60,25 +67,82 @@ pub(crate) async fn serve(
 ) {
     while let Some((stream, peer)) = net::accept(&listener, &stop, "inbound").await {
         ctx.metrics.inbound_accepted.inc();
-        // Limits are taken here, before a task exists: a refused connection
-        // costs an accept and a close, nothing more.
-        let Some(conn_permit) = ctx.conn_limit.try_take() else {
+        // Decided here, before a task exists: with every established slot
+        // taken, a newcomer costs an accept and a close, nothing more.
+        if ctx.conn_limit.is_full() {
+            ctx.conn_limit.refuse();
             continue;
-        };
-        let Some(handshake_permit) = ctx.handshake_limit.try_take() else {
-            continue;
-        };
+        }
+        if ctx.admission.is_full() {
+            // Let the connections accepted in this burst read their
+            // ClientHellos first, so the choice of whom to close sees how
+            // far each has come (an unpolled honest one looks silent).
+            tokio::task::yield_now().await;
+        }
+        let pending = ctx.admission.admit(peer.ip());
         let ctx = ctx.clone();
         let kill = kill.clone();
         tracker.spawn(async move {
             ctx.metrics.inbound_active.inc();
-            let report = handle(&ctx, stream, peer, &kill, handshake_permit).await;
+            let report = handle(&ctx, stream, peer, &kill, pending).await;
             ctx.metrics.inbound_active.dec();
-            drop(conn_permit);
             ctx.metrics
                 .closed("inbound", &ctx.service, report.outcome.label());
             report.log();
         });
+    }
+}
+
+/// Why the handshake phase ended without a connection.
+enum Unfinished {
+    /// The TLS handshake failed, timed out, or the proxy is shutting down.
+    Tls(PhaseError<io::Error>),
+    /// Closed to make room for other pending handshakes.
+    Evicted(Eviction),
+    /// No certificates arrived within the handshake deadline.
+    NoCredentials(Duration),
+}
+
+/// The handshake phase, under one deadline and given up early on eviction
+/// or shutdown: wait for the peer's first bytes, read its ClientHello, wait
+/// for our certificates if none have arrived yet (start-up), then finish the
+/// handshake. Each step is recorded as progress for the admission control.
+async fn handshake(
+    ctx: &Inbound,
+    stream: TcpStream,
+    pending: &Pending,
+    kill: &CancellationToken,
+) -> Result<(TlsStream<TcpStream>, Arc<Credentials>), Unfinished> {
+    let waiting_for_credentials = AtomicBool::new(false);
+    let work = async {
+        stream.readable().await?;
+        pending.advance(Progress::Partial);
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
+        pending.advance(Progress::Hello);
+        let credentials = match ctx.credentials.latest() {
+            Some(c) => c,
+            None => {
+                waiting_for_credentials.store(true, Ordering::Relaxed);
+                let mut rx = ctx.credentials.clone();
+                rx.ready().await.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::Interrupted, "certificates source stopped")
+                })?
+            }
+        };
+        waiting_for_credentials.store(false, Ordering::Relaxed);
+        let tls = start.into_stream(credentials.server_config()).await?;
+        Ok::<_, io::Error>((tls, credentials))
+    };
+    tokio::select! {
+        biased;
+        why = pending.evicted() => Err(Unfinished::Evicted(why)),
+        r = net::bounded(ctx.timeouts.handshake, kill, work) => match r {
+            Ok(done) => Ok(done),
+            Err(PhaseError::TimedOut(d)) if waiting_for_credentials.load(Ordering::Relaxed) => {
+                Err(Unfinished::NoCredentials(d))
+            }
+            Err(e) => Err(Unfinished::Tls(e)),
+        },
     }
 }
 
@@ -87,24 +151,13 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     kill: &CancellationToken,
-    handshake_permit: OwnedSemaphorePermit,
+    pending: Pending,
 ) -> Report {
-    let credentials = ctx.credentials.latest();
-    let mut report = Report::new(
-        Direction::Inbound,
-        peer,
-        &ctx.service,
-        credentials.as_ref().map(|c| c.identity.id.to_string()),
-    );
-    let Some(credentials) = credentials else {
-        report.fail(Phase::Handshake, "no certificates yet");
-        return report;
-    };
+    let mut report = Report::new(Direction::Inbound, peer, &ctx.service, None);
     net::tune_accepted(&stream);
-    let acceptor = TlsAcceptor::from(credentials.server_config());
-    let mut tls = match net::bounded(ctx.timeouts.handshake, kill, acceptor.accept(stream)).await {
-        Ok(tls) => tls,
-        Err(e) => {
+    let (mut tls, credentials) = match handshake(ctx, stream, &pending, kill).await {
+        Ok(done) => done,
+        Err(Unfinished::Tls(e)) => {
             let reason = net::tls_failure_reason(&e);
             ctx.metrics
                 .inbound_handshake_failed
@@ -112,10 +165,29 @@ async fn handle(
             report.fail(Phase::Handshake, net::tls_failure(e));
             return report;
         }
+        Err(Unfinished::Evicted(why)) => {
+            report.outcome = Outcome::Evicted;
+            report.detail = why.describe().to_string();
+            return report;
+        }
+        Err(Unfinished::NoCredentials(waited)) => {
+            report.outcome = Outcome::Refused;
+            report.detail = format!("no certificates from the control plane within {waited:?}");
+            return report;
+        }
     };
-    drop(handshake_permit);
+    drop(pending);
+    report.destination = Some(credentials.identity.id.to_string());
     ctx.metrics
         .handshake("server", tls.get_ref().1.handshake_kind());
+    // The established budget: a slot may have gone to a racing handshake
+    // since accept.
+    let Some(_conn_permit) = ctx.conn_limit.try_take() else {
+        report.outcome = Outcome::Refused;
+        report.detail = "-max-conns reached".into();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+        return report;
+    };
 
     report.phase = Phase::Authorize;
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {

@@ -1,5 +1,6 @@
 //! Caps on what a flood can make ferry hold: concurrent connections per
-//! listener, and concurrent inbound TLS handshakes.
+//! listener. (Pending inbound handshakes have their own budget, which makes
+//! room instead of refusing: see [`super::admission`].)
 //!
 //! A limit never queues: past the cap, the new connection is closed at once
 //! (a queue would only hold more sockets). Each refusal is counted in
@@ -19,6 +20,34 @@ use crate::ops::metrics::Counter;
 /// How often a continuing burst of refusals is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Counts events of a burst and says when to log them: at the first, then
+/// at most every [`LOG_EVERY`] with the count since the last line.
+#[derive(Default)]
+pub struct BurstLog {
+    /// Events not yet reported in a log line.
+    unlogged: AtomicU64,
+    /// When the burst was last logged; std lock, held for a comparison.
+    logged_at: Mutex<Option<Instant>>,
+}
+
+impl BurstLog {
+    /// Notes `n` events; returns how many to report if a line is due now.
+    pub fn note(&self, n: u64) -> Option<u64> {
+        self.unlogged.fetch_add(n, Ordering::Relaxed);
+        let mut last = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+
+    #[cfg(test)]
+    fn unlogged(&self) -> u64 {
+        self.unlogged.load(Ordering::Relaxed)
+    }
+}
+
 /// A cap on concurrent holders of a permit.
 pub struct Limit {
     sem: Arc<Semaphore>,
@@ -28,10 +57,7 @@ pub struct Limit {
     listener: String,
     max: usize,
     refused: Counter,
-    /// Refusals not yet reported in a log line.
-    unlogged: AtomicU64,
-    /// When a refusal was last logged; std lock, held for a comparison.
-    logged_at: Mutex<Option<Instant>>,
+    burst: BurstLog,
 }
 
 impl Limit {
@@ -48,9 +74,20 @@ impl Limit {
             listener: listener.to_string(),
             max,
             refused,
-            unlogged: AtomicU64::new(0),
-            logged_at: Mutex::new(None),
+            burst: BurstLog::default(),
         }
+    }
+
+    /// True when no permit is left (a racing release may free one).
+    pub fn is_full(&self) -> bool {
+        self.sem.available_permits() == 0
+    }
+
+    /// Counts and logs a refusal decided elsewhere (e.g. after a check of
+    /// [`Limit::is_full`]).
+    pub fn refuse(&self) {
+        self.refused.inc();
+        self.maybe_log();
     }
 
     /// A permit, or `None` (counted and logged) when the cap is reached.
@@ -58,21 +95,16 @@ impl Limit {
         match self.sem.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                self.refused.inc();
-                self.unlogged.fetch_add(1, Ordering::Relaxed);
-                self.maybe_log();
+                self.refuse();
                 None
             }
         }
     }
 
     fn maybe_log(&self) {
-        let mut last = self.logged_at.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+        let Some(n) = self.burst.note(1) else {
             return;
-        }
-        *last = Some(Instant::now());
-        let n = self.unlogged.swap(0, Ordering::Relaxed);
+        };
         tracing::warn!(
             listener = %self.listener,
             limit = self.flag,
@@ -99,14 +131,10 @@ mod tests {
         drop(a);
         let _c = l.try_take().expect("a released permit is reusable");
         // The second refusal came within LOG_EVERY of the first: not logged.
-        assert_eq!(l.unlogged.load(Ordering::Relaxed), 1);
+        assert_eq!(l.burst.unlogged(), 1);
         tokio::time::advance(LOG_EVERY).await;
         assert!(l.try_take().is_none());
-        assert_eq!(
-            l.unlogged.load(Ordering::Relaxed),
-            0,
-            "logged with the count"
-        );
+        assert_eq!(l.burst.unlogged(), 0, "logged with the count");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+pub mod admission;
 pub mod balancer;
 pub mod inbound;
 pub mod limits;

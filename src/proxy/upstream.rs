@@ -24,7 +24,7 @@ use crate::ops::metrics::{Metrics, UpstreamMetrics};
 use crate::proxy::balancer::{Balancer, Failure};
 use crate::proxy::limits::Limit;
 use crate::proxy::net::{self, Phase};
-use crate::proxy::report::{Direction, Report};
+use crate::proxy::report::{Direction, Outcome, Report};
 use crate::proxy::splice::{splice, Timers};
 use crate::snapshot::Receiver;
 
@@ -78,20 +78,33 @@ async fn handle(
     peer: SocketAddr,
     kill: &CancellationToken,
 ) -> Report {
-    let credentials = ctx.credentials.latest();
-    let mut report = Report::new(
-        Direction::Upstream,
-        peer,
-        &ctx.name,
-        credentials.as_ref().map(|c| c.identity.id.to_string()),
-    );
-    let Some(credentials) = credentials else {
-        report.fail(Phase::Handshake, "no certificates yet");
-        return report;
-    };
+    let mut report = Report::new(Direction::Upstream, peer, &ctx.name, None);
     report.phase = Phase::Pick;
     net::tune_accepted(&local);
     let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
+    let credentials = match ctx.credentials.latest() {
+        Some(c) => c,
+        None => {
+            // Start-up: the app connected before our certificates arrived.
+            // Wait for them (bounded in number by -max-upstream-conns, in
+            // time by the upstream deadline) rather than refuse.
+            let mut rx = ctx.credentials.clone();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let waited = net::bounded(left, kill, async {
+                rx.ready().await.ok_or("the certificates source stopped")
+            })
+            .await;
+            match waited {
+                Ok(c) => c,
+                Err(e) => {
+                    report.outcome = Outcome::Refused;
+                    report.detail = format!("no certificates from the control plane: {e}");
+                    return report;
+                }
+            }
+        }
+    };
+    report.source = Some(credentials.identity.id.to_string());
     if !ctx.balancer.is_known() {
         // Discovery has not answered yet (ferry just started, or this
         // upstream was just added): wait for it rather than refuse.

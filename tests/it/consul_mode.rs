@@ -349,14 +349,15 @@ async fn a_mesh_through_the_agent_uses_its_leaves_instances_and_decisions() {
 }
 
 // ---------------------------------------------------------------------------
-// 2. Nothing listens before the first valid certificates.
+// 2. Nothing is served before the first valid certificates.
 
 /// While the roots endpoint answers 500 and the leaf request is held open,
-/// `start` stays pending and neither the `-listen` nor the `-upstream` port
-/// is open; once the agent answers, `start` returns, both are bound and the
-/// public one serves with the agent's leaf.
+/// `start` stays pending; both the `-listen` and the `-upstream` port are
+/// already bound, but a mesh handshake begun then does not complete. Once
+/// the agent answers, `start` returns, and that waiting handshake completes
+/// with the agent's leaf: the peer that came early is served, not refused.
 #[tokio::test]
-async fn nothing_listens_until_the_agent_delivers_roots_and_a_leaf() {
+async fn connections_wait_until_the_agent_delivers_roots_and_a_leaf() {
     let pki = Pki::new();
     let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
     let app = EchoServer::start().await;
@@ -392,25 +393,30 @@ async fn nothing_listens_until_the_agent_delivers_roots_and_a_leaf() {
         timeout(STILL_PENDING, start.as_mut()).await.is_err(),
         "start must wait for the leaf"
     );
-    for p in [port, up_port] {
-        assert!(
-            TcpStream::connect(p).await.is_err(),
-            "nothing listens on {p} before the certificates"
-        );
-    }
+    TcpStream::connect(up_port)
+        .await
+        .expect("the upstream port is bound before the certificates");
+    let web = pki.leaf("web");
+    let mut early = std::pin::pin!(presented(port, &web));
+    assert!(
+        timeout(STILL_PENDING, early.as_mut()).await.is_err(),
+        "no handshake completes before the certificates"
+    );
 
     agent.stall(LEAF_API, false);
     let api = within("start once the leaf arrives", start).await;
     assert_eq!(api.inbound(), port);
     assert_eq!(api.upstream("billing"), up_port);
     let leaf = agent_leaf(&agent, "api", None).await;
-    let seen = presented(port, &pki.leaf("web")).await;
-    assert_eq!(seen, first_cert(leaf["CertPEM"].as_str().unwrap()));
+    let first = first_cert(leaf["CertPEM"].as_str().unwrap());
+    assert_eq!(within("the early peer is served", early).await, first);
+    assert_eq!(presented(port, &web).await, first);
 }
 
 /// A first leaf that does not validate (another service's, then one from a
-/// CA the roots do not list) is refused: `start` stays pending and nothing
-/// listens; the first valid leaf starts the proxy with that leaf.
+/// CA the roots do not list) is refused: `start` stays pending and no
+/// handshake is served with it; the first valid leaf starts the proxy with
+/// that leaf.
 #[tokio::test]
 async fn an_invalid_first_leaf_is_not_served() {
     let pki = Pki::new();
@@ -440,7 +446,11 @@ async fn an_invalid_first_leaf_is_not_served() {
         timeout(STILL_PENDING, start.as_mut()).await.is_err(),
         "a leaf for web is not a leaf for api"
     );
-    assert!(TcpStream::connect(port).await.is_err(), "nothing listens");
+    let web = pki.leaf("web");
+    assert!(
+        timeout(STILL_PENDING, presented(port, &web)).await.is_err(),
+        "no handshake is served with web's leaf"
+    );
 
     let foreign = DevCa::generate(pki.trust_domain()).unwrap();
     let stranger = foreign
@@ -453,7 +463,10 @@ async fn an_invalid_first_leaf_is_not_served() {
         timeout(STILL_PENDING, start.as_mut()).await.is_err(),
         "a leaf from a CA the roots do not list is refused"
     );
-    assert!(TcpStream::connect(port).await.is_err(), "nothing listens");
+    assert!(
+        timeout(STILL_PENDING, presented(port, &web)).await.is_err(),
+        "no handshake is served with a foreign leaf"
+    );
 
     let good = pki
         .ca
@@ -1111,9 +1124,10 @@ async fn the_token_never_appears_in_the_logs() {
 /// A token the agent does not know (403 `ACL not found` on the leaf) and
 /// no token at all (403 naming the missing permission), each in its own
 /// binary: each logs the refusal once (not once per retry), never prints a
-/// token, and never starts listening.
+/// token, and never serves: its ports are bound, but a handshake there
+/// never completes and the app is never reached.
 #[tokio::test]
-async fn a_refused_token_is_logged_once_and_nothing_listens() {
+async fn a_refused_token_is_logged_once_and_nothing_is_served() {
     let pki = Pki::new();
     let agent = FakeAgent::start(AgentOpts::for_pki(&pki).token(TOKEN)).await;
     let app = EchoServer::start().await;
@@ -1149,12 +1163,22 @@ async fn a_refused_token_is_logged_once_and_nothing_listens() {
     agent
         .wait_for_calls("GET", "/v1/agent/connect/ca/leaf/billing", 3, DEADLINE)
         .await;
+    let web = pki.leaf("web");
     for p in [port, anon_port] {
+        let tcp = TcpStream::connect(p)
+            .await
+            .expect("bound before certificates");
         assert!(
-            TcpStream::connect(p).await.is_err(),
-            "nothing listens on {p}"
+            timeout(
+                STILL_PENDING,
+                raw_client(Some(&web)).connect(any_name(), tcp)
+            )
+            .await
+            .is_err(),
+            "no handshake completes on {p}"
         );
     }
+    assert_eq!(app.counts.accepted(), 0, "the app is never reached");
     let (lines, anon_lines) = (bin.stop(), anon.stop());
 
     let acl: Vec<&String> = lines
@@ -1173,8 +1197,8 @@ async fn a_refused_token_is_logged_once_and_nothing_listens() {
     );
     for lines in [&lines, &anon_lines] {
         assert!(
-            !lines.iter().any(|l| l.contains("listener ready")),
-            "ferry did not listen: {lines:#?}"
+            !lines.iter().any(|l| l.contains("certificates ready")),
+            "ferry did not serve: {lines:#?}"
         );
         assert!(
             !lines.iter().any(|l| l.contains(wrong) || l.contains(TOKEN)),
