@@ -37,5 +37,7 @@ mod faults;
 mod resumption;
 // Hostile input: floods of half-open connections, hostile chains, huge hellos.
 mod hostile;
+// Admission under a mixed flood (one source and spread), an upstream flood, and an app that starts before its certificates.
+mod admission;
 // The soak (ignored; make soak): long runs, leaks, limits.
 mod soak;

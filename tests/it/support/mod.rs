@@ -476,9 +476,13 @@ pub struct FerryProcess {
 }
 
 impl FerryProcess {
-    /// Runs ferry with `args` and an empty environment.
+    /// Runs ferry with `args` and an empty environment. `FERRY_BIN` names
+    /// another build to run instead (to measure a scenario against an older
+    /// ferry, e.g. the flood tests before and after a change).
     pub fn start(args: &[&str]) -> FerryProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let bin =
+            std::env::var_os("FERRY_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ferry").into());
+        let mut child = Command::new(bin)
             .args(args)
             .env_clear()
             // Allocator tuning (MALLOC_*) passes through, for the soak.
