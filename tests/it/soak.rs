@@ -2,6 +2,9 @@
 //! processes in Consul mode against the fake agent carry `SOAK_SHORT`
 //! (200,000) short connections with intention flips and certificate
 //! rotations going on, then hold `SOAK_HELD` connections open at once.
+//! Halfway through, a mixed junk flood (2,320 connections spread over 199
+//! addresses) hits api's public port: at least 9 in 10 honest mTLS clients
+//! must still be served within 2 s, and the short connections go on.
 //! No good connection may fail; RSS must stay flat across the short
 //! connections (the leak check); after the held ones close, descriptors
 //! must be back at their baseline, and RSS back near it.
@@ -19,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance, Intention};
+use crate::admission::{honest, Flood};
 use crate::support::*;
 
 fn env_count(name: &str, default: u64) -> u64 {
@@ -111,7 +115,28 @@ async fn soak() {
     let started = Instant::now();
     let mut peak = [0u64; 2];
     let mut tasks = Vec::new();
+    let mut flood = None;
     for n in 0..short {
+        if n == short / 2 {
+            // Halfway: a mixed junk flood spread over 199 addresses hits
+            // api's public port for a few seconds, while honest mTLS
+            // clients connect to it directly and the short connections
+            // carry on.
+            let honest_web = pki.leaf("web");
+            flood = Some(tokio::spawn(async move {
+                let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let junk = tokio::spawn(Flood::measured(2, 200).open(api_addr, opened.clone()));
+                let deadline = Instant::now() + DEADLINE;
+                while opened.load(Ordering::Relaxed) < 500 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let during = honest(api_addr, &honest_web, 20, Duration::from_millis(50)).await;
+                let junk = junk.await.expect("flood");
+                let held = junk.len();
+                drop(junk);
+                (held, during)
+            }));
+        }
         if n % 20_000 == 10_000 {
             agent.set_leaf("api", &pki.leaf("api"));
             agent.set_leaf("web", &pki.leaf("web"));
@@ -146,6 +171,21 @@ async fn soak() {
         t.await.expect("task");
     }
     let secs = started.elapsed().as_secs_f64();
+    if let Some(f) = flood {
+        let (held, during) = f.await.expect("flood task");
+        eprintln!(
+            "flood: {held} junk connections held; honest mTLS {}/{} within 2s, p99 {:?}; failures {:?}",
+            during.times.len(),
+            during.tried,
+            during.p99(),
+            during.failures
+        );
+        assert!(
+            during.times.len() * 10 >= during.tried * 9,
+            "honest peers locked out during the flood: {:?}",
+            during.failures
+        );
+    }
     eprintln!(
         "short: {} ok, {} failed in {secs:.1}s ({:.0}/s); peak RSS KiB api {} web {}",
         ok.load(Ordering::Relaxed),
