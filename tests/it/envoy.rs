@@ -11,12 +11,14 @@
 //! Envoy comes from `make deps` (or FERRY_ENVOY); without it these fail.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::certs::{Leaf, LeafSpec};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Barrier;
 
 use crate::support::envoy::{
     allow_all, envoy_serial, is_logged_cert, rbac_rules, sni, Answer, Certs, CountingApp, Envoy,
@@ -71,19 +73,37 @@ async fn assert_exchange(addr: SocketAddr, msg: &[u8]) {
     assert!(got == msg, "echoed bytes differ through {addr}");
 }
 
-/// Every size in [`SIZES`], then [`CONCURRENT`] connections at once, each
-/// with its own bytes: [`EXERCISED`] connections in all.
-async fn exercise(entry: SocketAddr) {
+/// Every size in [`SIZES`], then [`CONCURRENT`] connections open at once,
+/// each echoing its own bytes: [`EXERCISED`] connections in all. While all
+/// are held, Envoy's gauge `active` must count every one of them.
+async fn exercise(entry: SocketAddr, envoy: &Envoy, active: &str) {
     for (seed, size) in SIZES.iter().enumerate() {
         assert_exchange(entry, &pattern(*size, seed)).await;
     }
+    // Every connection echoes once, then waits for the others; the test
+    // looks at Envoy, then lets them all finish.
+    let held = Arc::new(Barrier::new(CONCURRENT + 1));
+    let release = Arc::new(Barrier::new(CONCURRENT + 1));
     let tasks: Vec<_> = (0..CONCURRENT)
-        .map(|i| tokio::spawn(async move { assert_exchange(entry, &pattern(1000 + i, i)).await }))
+        .map(|i| {
+            let (held, release) = (held.clone(), release.clone());
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(entry).await.expect("connect");
+                echo_once(&mut s, &pattern(1000 + i, i)).await;
+                held.wait().await;
+                release.wait().await;
+                finish(&mut s).await;
+            })
+        })
         .collect();
+    within("all connections open", held.wait()).await;
+    // (The earlier connections may take a moment to leave the gauge.)
+    envoy.wait_stat(active, |v| v == CONCURRENT as u64).await;
+    release.wait().await;
     for t in tasks {
-        within("concurrent exchange", t)
+        within("concurrent connection", t)
             .await
-            .expect("concurrent exchange");
+            .expect("concurrent connection");
     }
 }
 
@@ -190,9 +210,10 @@ async fn envoy_to_ferry(tls: TlsMax, want: &str, not: &str) {
     );
     let envoy = Envoy::start(&config).await;
 
-    exercise(envoy.upstream("api")).await;
-
     let cluster = format!("cluster.{}", sni("api", "dc1", pki.trust_domain()));
+    let active = format!("{cluster}.upstream_cx_active");
+    exercise(envoy.upstream("api"), &envoy, &active).await;
+
     envoy
         .wait_stat(&format!("{cluster}.ssl.versions.{want}"), |v| {
             v == EXERCISED
@@ -249,7 +270,8 @@ async fn ferry_to_envoy(tls: TlsMax, want: &str, not: &str) {
     ))
     .await;
 
-    exercise(web.upstream("api")).await;
+    let active = "listener.public_listener.downstream_cx_active";
+    exercise(web.upstream("api"), &envoy, active).await;
 
     envoy
         .wait_stat(
