@@ -13,6 +13,8 @@ mod rotation;
 mod refusals;
 // Other TLS stacks: openssl s_client into ferry, ferry into openssl s_server.
 mod interop;
+// A real Envoy 1.40 in Consul's sidecar shapes beside ferry, both directions (needs `make deps`).
+mod envoy;
 // The per-connection log line, read from the binary's stderr.
 mod logs;
 // The fake Consul agent itself behaves like Consul (so failures elsewhere are ferry's).

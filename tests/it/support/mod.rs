@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+pub mod envoy;
 pub mod fake_agent;
 
 use std::future::Future;
