@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: ferry against haproxy, nginx and stunnel.
+"""Side-by-side benchmark: ferry against haproxy, nginx, stunnel and Envoy.
 
 Every candidate runs the same two-hop chain, one process per hop:
 
@@ -14,9 +14,11 @@ so the proxies' cost is what limits throughput and what the CPU counters see.
 All peers use the same certificates from `ferry certs` (Consul-shaped, EC
 P-256), TLS 1.3 only, mutual: the inbound hop requires a client certificate
 chaining to the dev CA, the outbound hop presents web's leaf and verifies
-the server chain. The peers check the chain only; ferry additionally checks
+the server chain. haproxy, nginx and stunnel check the chain only; Envoy,
+configured as Consul configures a sidecar, also matches the server's SPIFFE
+URI and allows the client's SPIFFE ID through its RBAC filter; ferry checks
 the SPIFFE identity on both sides and the intentions on every inbound
-connection, so it does strictly more work per connection.
+connection.
 
 The machine may be shared: before each workload the run waits (within a
 budget) for both CPUs to be quiet, reruns a workload that other tasks
@@ -25,9 +27,9 @@ tasks, so a disturbed result is visible as such.
 
 Run through bench/compare.sh, which installs the peers and builds ferry:
 
-    bash bench/compare.sh --quick                 # smoke run, under a minute
-    bash bench/compare.sh                         # full run, about 3-4 minutes
-    bash bench/compare.sh --peers ferry,haproxy --duration 10
+    bash bench/compare.sh --quick                 # smoke run, a few minutes
+    bash bench/compare.sh                         # full run
+    bash bench/compare.sh --peers envoy,ferry --duration 10
 
 Results: a table on stdout, and bench/results/compare-<date>.{json,md}.
 Standard library only (Python 3.11).
@@ -53,15 +55,18 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TEMPLATES = HERE / "peers"
 FERRY = REPO / "target" / "release" / "ferry"
+# compare.sh exports the path tests/envoy/install.sh printed.
+ENVOY = Path(os.environ.get("FERRY_ENVOY") or REPO / ".deps" / "envoy" / "envoy" / "_bin" / "envoy")
 
-PEERS = ["haproxy", "nginx", "stunnel", "ferry"]
-COMPETITORS = ["haproxy", "nginx", "stunnel"]
+PEERS = ["haproxy", "nginx", "stunnel", "envoy", "ferry"]
+COMPETITORS = ["haproxy", "nginx", "stunnel", "envoy"]
 PROXY_CPU = 0
 LOAD_CPU = 1
 
@@ -78,7 +83,8 @@ HOLD_MAX = 10000
 HOLD_CONCURRENCY = 64
 WRK_CONNECTIONS = 32
 STOP_DEADLINE = 6.0  # ferry drains for up to 4 s on SIGTERM
-START_DEADLINE = 10.0
+# Envoy takes a second or more to come up, more on a busy machine.
+START_DEADLINE = 30.0
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -483,7 +489,14 @@ def make_certs(work: Path) -> dict:
     foreign = work / "foreign"
     subprocess.run([str(FERRY), "certs", "-dir", str(foreign), "web"],
                    check=True, capture_output=True, timeout=30)
-    return {"dir": certs, "foreign": foreign, "dns_name": dns_name}
+    # dns_name is also Consul's SNI for api (<svc>.<ns>.<dc>.internal.<td>),
+    # which Envoy's outbound hop sends. Envoy's inbound RBAC allows web's
+    # SPIFFE ID by regex, as Consul writes an intention: the trust domain's
+    # dots escaped, any datacenter.
+    td_re = trust_domain.replace(".", r"\.")
+    return {"dir": certs, "foreign": foreign, "dns_name": dns_name,
+            "api_spiffe": spiffe, "trust_domain": trust_domain, "ns": ns, "dc": dc,
+            "web_regex": f"^spiffe://{td_re}/ns/{ns}/dc/[^/]+/svc/web$"}
 
 
 # --------------------------------------------------------------------------
@@ -510,9 +523,10 @@ def nginx_stream_module() -> str:
 
 
 def peer_argv(peer: str, hop: str, ctx: "Context", listen: int, upstream: int,
-              tag: str) -> list[str]:
+              tag: str, extra: dict) -> list[str]:
     """argv for one hop. hop: 'out' (plain in, mTLS out) or 'in' (mTLS in,
-    plain out)."""
+    plain out). extra: what the caller should know beyond the argv (Envoy's
+    admin port)."""
     certs = ctx.certs["dir"]
     conf = ctx.work / f"{peer}-{hop}-{tag}"
     if peer == "ferry":
@@ -543,19 +557,40 @@ def peer_argv(peer: str, hop: str, ctx: "Context", listen: int, upstream: int,
         cfg = render(f"stunnel-{hop}.conf", conf.with_suffix(".conf"), listen=listen,
                      upstream=upstream, certs=certs)
         return ["stunnel4" if shutil.which("stunnel4") else "stunnel", str(cfg)]
+    if peer == "envoy":
+        # The admin listener Consul's bootstrap always has (there on
+        # 19000); here on a free loopback port, read for TLS statistics.
+        (admin,) = free_ports(1)
+        extra["admin"] = admin
+        c = ctx.certs
+        cfg = render(f"envoy-{hop}.yaml", conf.with_suffix(".yaml"), listen=listen,
+                     upstream=upstream, certs=certs, admin=admin,
+                     maxconn=max(1024, (ctx.nofile - 100) // 2),
+                     client_regex=c["web_regex"].replace("\\", "\\\\"),
+                     sni=c["dns_name"], server_spiffe=c["api_spiffe"], dc=c["dc"])
+        # One worker per pinned CPU, like the other peers' one worker. No
+        # hot restart, so no shared memory region and no base id to collide
+        # between the two hops (each still gets its own, --base-id, should
+        # a build ignore the flag).
+        return [str(ENVOY), "-c", str(cfg), "--concurrency", str(len({PROXY_CPU})),
+                "--disable-hot-restart", "--base-id", str(extra["base_id"]),
+                "--log-level", "warn"]
     raise ValueError(peer)
 
 
 class Pair:
     """One running outbound + inbound pair of a peer."""
 
+    base_ids = iter(range(100, 1 << 20))  # Envoy: a distinct base id per process
+
     def __init__(self, peer: str, ctx: "Context", backend: int, tag: str):
         self.peer, self.ctx = peer, ctx
         self.p0, self.p1 = free_ports(2)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.extra = {hop: {"base_id": next(Pair.base_ids)} for hop in ("in", "out")}
         self.argv = {
-            "in": peer_argv(peer, "in", ctx, self.p1, backend, tag),
-            "out": peer_argv(peer, "out", ctx, self.p0, self.p1, tag),
+            "in": peer_argv(peer, "in", ctx, self.p1, backend, tag, self.extra["in"]),
+            "out": peer_argv(peer, "out", ctx, self.p0, self.p1, tag, self.extra["out"]),
         }
         try:
             for hop, port in (("in", self.p1), ("out", self.p0)):
@@ -578,7 +613,7 @@ class Pair:
         out = {}
         for hop, argv in self.argv.items():
             for arg in argv:
-                if arg.endswith((".cfg", ".conf")) and os.path.isfile(arg):
+                if arg.endswith((".cfg", ".conf", ".yaml")) and os.path.isfile(arg):
                     out[hop] = Path(arg).read_text()
         return out
 
@@ -683,6 +718,37 @@ def wrk(ctx: "Context", port: int, label: str, close: bool) -> dict:
     r["rps"] = r["requests"] / secs if secs else 0.0
     r["errors"] = sum(r[k] for k in r if k.startswith("err_"))
     return r
+
+
+def envoy_stats(admin: int, filt: str = r"\.ssl\.") -> dict[str, int]:
+    """Counters of one Envoy from its admin listener (/stats, text form)."""
+    path = "/stats?filter=" + urllib.parse.quote(filt)
+    with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
+    out = {}
+    for line in body.splitlines():
+        name, _, value = line.rpartition(": ")
+        if name and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+def envoy_tls_summary(pair: "Pair") -> dict:
+    """What the Envoy hops negotiated between them and how often the
+    outbound hop resumed, from the outbound hop's cluster counters."""
+    st = envoy_stats(pair.extra["out"]["admin"])
+    def pick(part: str) -> list[str]:
+        return sorted(k.split(f".ssl.{part}.", 1)[1] for k, v in st.items()
+                      if k.startswith("cluster.") and f".ssl.{part}." in k and v > 0)
+    def total(suffix: str) -> int:
+        return sum(v for k, v in st.items() if k.startswith("cluster.") and k.endswith(suffix))
+    return {"versions": pick("versions"), "ciphers": pick("ciphers"), "curves": pick("curves"),
+            "handshakes": total(".ssl.handshake"), "resumed": total(".ssl.session_reused"),
+            "counters": st}
 
 
 def backend_accepts(port: int) -> int:
@@ -899,6 +965,43 @@ def measure_bulk(ctx: Context, res: dict, port: int, pair: Pair | None):
         m["rss_peak_total"] = max(m.get("rss_peak_total", 0), sampler.peak["total"] / 1024)
 
 
+def measure_peer(ctx: Context, res: dict, live: list):
+    """Pre-flight checks, then every workload through the peer's chain."""
+    name = res["name"]
+    pair = Pair(name, ctx, ctx.http_ports[name], "http")
+    live.append(pair)
+    res["commands"] = pair.commands()
+    res["configs"] = pair.configs()
+    try:
+        body = http_get(pair.p0)
+    except (OSError, WorkloadError) as e:
+        raise StartError(f"chain check: {e}") from e
+    if body != BODY:
+        raise StartError(f"chain check: got {len(body)} bytes, not the 100-byte body")
+    mtls = check_mtls(pair.p1, ctx.certs)
+    res["mtls"] = mtls
+    if not mtls["enforced"]:
+        raise StartError("inbound hop does not enforce mTLS: "
+                         f"no cert -> {mtls['no_cert']['outcome']}, "
+                         f"foreign CA -> {mtls['foreign_ca']['outcome']}, "
+                         f"good cert -> {mtls['with_cert']['outcome']}")
+    if name == "envoy":
+        # What the two Envoy hops negotiated with each other (the GET above).
+        t = envoy_tls_summary(pair)
+        res["hop_tls"] = short_tls('/'.join(t['versions']) or '?', '/'.join(t['ciphers']) or '?')
+    measure_http(ctx, res, pair.p0, pair)
+    if name == "envoy":
+        t = envoy_tls_summary(pair)
+        res["raw"]["envoy_tls_out"] = t
+        print(f"   tls    between the hops {res['hop_tls']} {'/'.join(t['curves'])}; "
+              f"outbound resumed {t['resumed']} of {t['handshakes']} handshakes", flush=True)
+    # The bulk workloads need the inbound hop pointed at iperf3: a fresh pair.
+    live.pop().stop()
+    pair = Pair(name, ctx, ctx.iperf_port, "bulk")
+    live.append(pair)
+    measure_bulk(ctx, res, pair.p0, pair)
+
+
 def run_column(ctx: Context, name: str) -> dict:
     res = {"name": name, "status": "ok", "metrics": {}, "errors": {}, "raw": {},
            "commands": {}}
@@ -909,30 +1012,9 @@ def run_column(ctx: Context, name: str) -> dict:
         measure_bulk(ctx, res, ctx.iperf_port, None)
         res["wall_seconds"] = round(time.monotonic() - t0, 1)
         return res
-    pair = None
+    live: list[Pair] = []  # the pair running now, stopped whatever happens
     try:
-        pair = Pair(name, ctx, ctx.http_ports[name], "http")
-        res["commands"] = pair.commands()
-        res["configs"] = pair.configs()
-        try:
-            body = http_get(pair.p0)
-        except (OSError, WorkloadError) as e:
-            raise StartError(f"chain check: {e}") from e
-        if body != BODY:
-            raise StartError(f"chain check: got {len(body)} bytes, not the 100-byte body")
-        mtls = check_mtls(pair.p1, ctx.certs)
-        res["mtls"] = mtls
-        if not mtls["enforced"]:
-            raise StartError("inbound hop does not enforce mTLS: "
-                             f"no cert -> {mtls['no_cert']['outcome']}, "
-                             f"foreign CA -> {mtls['foreign_ca']['outcome']}, "
-                             f"good cert -> {mtls['with_cert']['outcome']}")
-        measure_http(ctx, res, pair.p0, pair)
-        pair.stop()
-        pair = None
-        # The bulk workloads need the inbound hop pointed at iperf3: a fresh pair.
-        pair = Pair(name, ctx, ctx.iperf_port, "bulk")
-        measure_bulk(ctx, res, pair.p0, pair)
+        measure_peer(ctx, res, live)
     except StartError as e:
         res["status"] = f"failed: {e}"
         print(f"   {name} FAILED: {e}", flush=True)
@@ -940,7 +1022,7 @@ def run_column(ctx: Context, name: str) -> dict:
         res["status"] = f"failed: {type(e).__name__}: {e}"
         print(f"   {name} FAILED: {type(e).__name__}: {e}", flush=True)
     finally:
-        if pair:
+        for pair in live:
             pair.stop()
     for k, v in res["errors"].items():
         print(f"   {name} {k}: {v}", flush=True)
@@ -990,6 +1072,11 @@ def fmt(value, spec: str) -> str:
     return spec.format(value)
 
 
+def short_tls(version: str, cipher: str) -> str:
+    """'TLSv1.3', 'TLS_AES_128_GCM_SHA256' -> '1.3 AES_128_GCM_SHA256'."""
+    return f"{version.replace('TLSv', '')} {cipher.replace('TLS_', '')}"
+
+
 def ratio_cell(key: str, better: str | None, cols: dict) -> str:
     if better is None or "ferry" not in cols:
         return ""
@@ -1020,8 +1107,11 @@ def table(cols: dict) -> tuple[list[str], list[list[str]]]:
     tls_row = ["TLS to inbound hop (probe)"]
     for c in cols.values():
         w = (c.get("mtls") or {}).get("with_cert", {})
-        tls_row.append(f"{w['version']} {w['cipher']}" if "cipher" in w else "—")
+        tls_row.append(short_tls(w["version"], w["cipher"]) if "cipher" in w else "—")
     rows.append(tls_row + [""])
+    if any("hop_tls" in c for c in cols.values()):
+        rows.append(["TLS between the hops (the peer's own counters)"]
+                    + [c.get("hop_tls", "—") for c in cols.values()] + [""])
     for key, label, better, spec in ROWS:
         rows.append([label] + [fmt(c["metrics"].get(key), spec) for c in cols.values()]
                     + [ratio_cell(key, better, cols)])
@@ -1071,6 +1161,10 @@ def environment(args, nofile: int, hold_why: str) -> dict:
     pkgs = {}
     for p in ("haproxy", "nginx", "libnginx-mod-stream", "stunnel4", "iperf3", "wrk", "libssl3"):
         pkgs[p] = cmd_out(["dpkg-query", "-W", "-f", "${Version}", p]) or "not installed"
+    # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    envoy = cmd_out([str(ENVOY), "--version"]) if ENVOY.exists() else ""
+    m = re.search(r"version: (\S+)", envoy)
+    pkgs["envoy"] = m.group(1) if m else "not installed"
     lock = (REPO / "Cargo.lock").read_text()
     rustls = re.search(r'name = "rustls"\nversion = "([^"]+)"', lock)
     return {
@@ -1089,30 +1183,43 @@ def environment(args, nofile: int, hold_why: str) -> dict:
         "hold_why": hold_why,
         "nofile_hard": nofile,
         "pinning": f"proxies on CPU {PROXY_CPU}; load generators and backends on CPU {LOAD_CPU}",
+        "envoy_binary": str(ENVOY),
     }
 
 
 NOTES = [
     "All peers: the same ferry-made certificates (EC P-256), TLS 1.3 only, mutual; "
     "inbound requires a client cert chaining to the dev CA, outbound presents web's "
-    "leaf and verifies the server chain. The peers cannot check SPIFFE URI SANs and "
-    "check the chain only; ferry also checks the SPIFFE identity on both sides and "
-    "the intentions on every inbound connection: it does strictly more work.",
+    "leaf and verifies the server chain. haproxy, nginx and stunnel check the chain "
+    "only. Envoy is configured as Consul configures a sidecar (peers/envoy-*.yaml): "
+    "its outbound cluster sends Consul's SNI and matches api's SPIFFE URI, its "
+    "inbound RBAC filter allows web's SPIFFE ID by regex. ferry checks the SPIFFE "
+    "identity on both sides and the intentions on every inbound connection.",
     "nginx always checks the upstream certificate's host name, so its inbound hop "
     "presents a copy of api's leaf (same key, same CA) with an added DNS SAN.",
     "Client-side TLS session reuse as each peer does by default (nginx "
-    "proxy_ssl_session_reuse on). Per-connection logging off everywhere.",
+    "proxy_ssl_session_reuse on; Envoy keeps one session per cluster). "
+    "Per-connection logging off everywhere.",
     "One process per hop, one worker each (haproxy nbthread 1, nginx "
-    "worker_processes 1, stunnel's default threads, ferry sized by its CPU mask); "
-    "nginx RSS includes master + worker.",
+    "worker_processes 1, stunnel's default threads, Envoy --concurrency 1 "
+    "--disable-hot-restart, ferry sized by its CPU mask); nginx RSS includes "
+    "master + worker.",
+    "Envoy pinned to TLS 1.3 on both ends: Consul leaves the client side's versions "
+    "unset and Envoy's client default is TLS 1.2 at most, so a stock Consul sidecar "
+    "dials with TLS 1.2. Key exchange pinned to X25519 (newer Consul offers "
+    "X25519MLKEM768 first). Its circuit breakers are raised above the default 1,024 "
+    "connections for the held-connections test.",
     "CPU = utime+stime of both hops' processes (all threads) over the workload; "
     "RSS per held conn = (RSS with N held - RSS before) / N.",
-    "haproxy, nginx and stunnel use the system OpenSSL (libssl3 above); ferry uses "
-    "rustls with the ring provider. Key exchange is X25519 everywhere. The OpenSSL "
-    "peers negotiate TLS_AES_256_GCM_SHA384 between their hops (OpenSSL's default "
-    "order); ferry's hops negotiate TLS_AES_128_GCM_SHA256, the order ferry offers "
-    "as Go and BoringSSL (Consul's own proxy, Envoy) do. The probe row shows each "
-    "inbound hop's choice for a default OpenSSL client.",
+    "haproxy, nginx and stunnel use the system OpenSSL (libssl3 above); Envoy its "
+    "BoringSSL; ferry rustls with the ring provider. Key exchange is X25519 "
+    "everywhere. The OpenSSL peers negotiate TLS_AES_256_GCM_SHA384 between their "
+    "hops (OpenSSL's default order); Envoy's and ferry's hops negotiate "
+    "TLS_AES_128_GCM_SHA256 (BoringSSL's order, which ferry offers too). The probe "
+    "row shows each inbound hop's choice for a default OpenSSL client; Envoy's own "
+    "counters give what its two hops negotiated.",
+    "'ferry vs best peer' takes the best of haproxy, nginx, stunnel and Envoy for "
+    "each figure.",
     "Last row: CPU time that tasks outside the benchmark (and hypervisor steal) took "
     "on the two benchmark CPUs during the worst workload of each column. Above 10% "
     "the machine was busy and that column's numbers are suspect.",
