@@ -20,6 +20,10 @@ URI and allows the client's SPIFFE ID through its RBAC filter; ferry checks
 the SPIFFE identity on both sides and the intentions on every inbound
 connection.
 
+Every figure of ferry is reported as a ratio to the best peer and to Envoy;
+every column's figures also as ratios to Envoy's (a second table and the
+JSON), and the targets against Envoy as met or missed.
+
 The machine may be shared: before each workload the run waits (within a
 budget) for both CPUs to be quiet, reruns a workload that other tasks
 disturbed anyway, and reports how much of the proxies' CPU went to other
@@ -67,6 +71,10 @@ ENVOY = Path(os.environ.get("FERRY_ENVOY") or REPO / ".deps" / "envoy" / "envoy"
 
 PEERS = ["haproxy", "nginx", "stunnel", "envoy", "ferry"]
 COMPETITORS = ["haproxy", "nginx", "stunnel", "envoy"]
+# The reference every ratio and target below is taken against, beside the
+# best peer.
+REFERENCE = "envoy"
+VS_FERRY, VS_ALL = f"ferry_vs_{REFERENCE}", f"vs_{REFERENCE}"  # keys in the JSON's ratios
 PROXY_CPU = 0
 LOAD_CPU = 1
 
@@ -1077,47 +1085,130 @@ def short_tls(version: str, cipher: str) -> str:
     return f"{version.replace('TLSv', '')} {cipher.replace('TLS_', '')}"
 
 
-def ratio_cell(key: str, better: str | None, cols: dict) -> str:
-    if better is None or "ferry" not in cols:
-        return ""
-    f = cols["ferry"]["metrics"].get(key)
-    peers = {n: cols[n]["metrics"].get(key) for n in COMPETITORS if n in cols}
-    peers = {n: v for n, v in peers.items() if v is not None}
-    if f is None or not peers:
-        return "—"
-    pick = max if better == "higher" else min
-    best = pick(peers, key=peers.get)
-    if peers[best] == 0:
-        return "—"
-    return f"{f / peers[best]:.2f}× ({best})"
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
 
 
-def table(cols: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["metric"] + list(cols) + ["ferry vs best peer"]
+def compute_ratios(cols: dict) -> dict:
+    """Every comparable figure as a ratio: ferry's to the best peer's (Envoy
+    among them) and to Envoy's; and every column's to Envoy's."""
+    out = {"reference": REFERENCE, "ferry_vs_best": {}, VS_FERRY: {}, VS_ALL: {}}
+    ok = {n: c for n, c in cols.items() if c["status"] == "ok"}
+    ref = ok.get(REFERENCE, {}).get("metrics", {})
+    f = ok.get("ferry", {}).get("metrics", {})
+    for key, _label, better, _spec in ROWS:
+        if better is None:
+            continue
+        peers = {n: ok[n]["metrics"].get(key) for n in COMPETITORS if n in ok}
+        peers = {n: v for n, v in peers.items() if v is not None}
+        if f.get(key) is not None and peers:
+            best = (max if better == "higher" else min)(peers, key=peers.get)
+            r = _ratio(f[key], peers[best])
+            if r is not None:
+                out["ferry_vs_best"][key] = {"ratio": r, "peer": best}
+        r = _ratio(f.get(key), ref.get(key))
+        if r is not None:
+            out[VS_FERRY][key] = r
+        for name, c in ok.items():
+            if name == REFERENCE:
+                continue
+            r = _ratio(c["metrics"].get(key), ref.get(key))
+            if r is not None:
+                out[VS_ALL].setdefault(name, {})[key] = r
+    return out
+
+
+def table(cols: dict, ratios: dict) -> tuple[list[str], list[list[str]]]:
+    extra = [h for h, want in (("ferry vs best peer", "ferry" in cols),
+                               (f"ferry vs {REFERENCE}", "ferry" in cols and REFERENCE in cols))
+             if want]
+    header = ["metric"] + list(cols) + extra
+    pad = [""] * len(extra)
     # The full reason is printed under the table and kept in the JSON.
     rows = [["status"] + [("ok" if c["status"] == "ok" else "FAILED")
-                          for c in cols.values()] + [""]]
+                          for c in cols.values()] + pad]
     mtls_row = ["inbound refuses no-cert / foreign-CA client"]
     for name, c in cols.items():
         mt = c.get("mtls")
         mtls_row.append("—" if not mt else
                         f"{'yes' if mt['no_cert']['data'] == 0 else 'NO'} / "
                         f"{'yes' if mt['foreign_ca']['data'] == 0 else 'NO'}")
-    rows.append(mtls_row + [""])
+    rows.append(mtls_row + pad)
     tls_row = ["TLS to inbound hop (probe)"]
     for c in cols.values():
         w = (c.get("mtls") or {}).get("with_cert", {})
         tls_row.append(short_tls(w["version"], w["cipher"]) if "cipher" in w else "—")
-    rows.append(tls_row + [""])
+    rows.append(tls_row + pad)
     if any("hop_tls" in c for c in cols.values()):
         rows.append(["TLS between the hops (the peer's own counters)"]
-                    + [c.get("hop_tls", "—") for c in cols.values()] + [""])
+                    + [c.get("hop_tls", "—") for c in cols.values()] + pad)
     for key, label, better, spec in ROWS:
-        rows.append([label] + [fmt(c["metrics"].get(key), spec) for c in cols.values()]
-                    + [ratio_cell(key, better, cols)])
-    if "ferry" not in cols:
-        header, rows = header[:-1], [r[:-1] for r in rows]
+        cells = [label] + [fmt(c["metrics"].get(key), spec) for c in cols.values()]
+        if extra:
+            b = ratios["ferry_vs_best"].get(key)
+            cells.append("" if better is None else f"{b['ratio']:.2f}× ({b['peer']})" if b else "—")
+        if len(extra) == 2:
+            r = ratios[VS_FERRY].get(key)
+            cells.append("" if better is None else f"{r:.2f}×" if r is not None else "—")
+        if any(c != "—" for c in cells[1:1 + len(cols)]):
+            rows.append(cells)
     return header, rows
+
+
+def reference_table(cols: dict, ratios: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every column's comparable figures divided by Envoy's."""
+    names = [n for n in cols if n in ratios[VS_ALL]]
+    if not names:
+        return None
+    header = [f"value / {REFERENCE}'s"] + names
+    rows = []
+    for key, label, better, _spec in ROWS:
+        if better is None:
+            continue
+        cells = [ratios[VS_ALL][n].get(key) for n in names]
+        if any(v is not None for v in cells):
+            rows.append([label] + [fmt(v, "{:.2f}×") for v in cells])
+    return header, rows
+
+
+# (description, [(metric, op, threshold)], compared against): every ratio is
+# ferry's figure over Envoy's.
+TARGETS = [
+    ("bulk throughput, 1 stream ≥ 1.25× Envoy", [("bulk1_gbps", ">=", 1.25)], "envoy"),
+    ("bulk throughput, 8 streams ≥ 1.25× Envoy", [("bulk8_gbps", ">=", 1.25)], "envoy"),
+    ("proxy CPU per GB ≤ 0.8× Envoy (1 and 8 streams)",
+     [("cpu_per_gb_1", "<=", 0.8), ("cpu_per_gb_8", "<=", 0.8)], "envoy"),
+    ("req/s over 32 keep-alive conns ≥ 2× Envoy, p99 ≤ 0.5×",
+     [("rr_rps", ">=", 2.0), ("rr_p99_ms", "<=", 0.5)], "envoy"),
+    ("new connections/s ≥ 3× Envoy", [("nc_rps", ">=", 3.0)], "envoy"),
+    ("idle RSS per process ≤ 0.1× Envoy (each hop)",
+     [("rss_idle_out", "<=", 0.1), ("rss_idle_in", "<=", 0.1)], "envoy"),
+    ("RSS per held idle conn ≤ 0.5× Envoy (each hop)",
+     [("rss_per_conn_out", "<=", 0.5), ("rss_per_conn_in", "<=", 0.5)], "envoy"),
+]
+
+
+def evaluate_targets(cols: dict, ratios: dict) -> list[dict]:
+    out = []
+    for desc, checks, against in TARGETS:
+        got = []
+        for key, op, limit in checks:
+            v = ratios[VS_FERRY].get(key)
+            ok = None if v is None else (v >= limit if op == ">=" else v <= limit)
+            got.append({"metric": key, "ratio": v, "op": op, "threshold": limit, "ok": ok})
+        result = ("not measured" if any(g["ok"] is None for g in got)
+                  else "met" if all(g["ok"] for g in got) else "missed")
+        out.append({"target": desc, "against": against, "checks": got, "result": result})
+    return out
+
+
+def targets_table(targets: list[dict]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for t in targets:
+        # Three decimals: 1.204 must not print as a missed 1.20.
+        figures = ", ".join(f"{g['metric']} {fmt(g['ratio'], '{:.3f}×')}" for g in t["checks"])
+        rows.append([t["target"], figures, t["result"] if t["result"] != "missed" else "MISSED"])
+    return ["target (ferry's figure / Envoy's)", "ferry", "result"], rows
 
 
 def problems(cols: dict) -> list[str]:
@@ -1218,8 +1309,9 @@ NOTES = [
     "TLS_AES_128_GCM_SHA256 (BoringSSL's order, which ferry offers too). The probe "
     "row shows each inbound hop's choice for a default OpenSSL client; Envoy's own "
     "counters give what its two hops negotiated.",
-    "'ferry vs best peer' takes the best of haproxy, nginx, stunnel and Envoy for "
-    "each figure.",
+    "Ratios: 'ferry vs best peer' takes the best of haproxy, nginx, stunnel and "
+    "Envoy for each figure; 'ferry vs envoy' and the second table divide by Envoy's "
+    "figure. Targets are judged on those ratios.",
     "Last row: CPU time that tasks outside the benchmark (and hypervisor steal) took "
     "on the two benchmark CPUs during the worst workload of each column. Above 10% "
     "the machine was busy and that column's numbers are suspect.",
@@ -1343,10 +1435,19 @@ def main() -> int:
     env["wall_seconds"] = round(wall, 1)
     env["quiet_waited_s"] = ctx.quiet.waited
     env["reruns"] = ctx.quiet.reruns
-    header, rows = table(cols)
-    text = render_text(header, rows)
+    ratios = compute_ratios(cols)
+    targets = evaluate_targets(cols, ratios) if "ferry" in cols and REFERENCE in cols else []
+    header, rows = table(cols, ratios)
+    ref_table = reference_table(cols, ratios)
     print()
-    print(text)
+    print(render_text(header, rows))
+    if ref_table:
+        print(f"\nEvery column relative to {REFERENCE} (its value / {REFERENCE}'s; "
+              "below 1 is better where lower is better):\n")
+        print(render_text(*ref_table))
+    if targets:
+        print()
+        print(render_text(*targets_table(targets)))
     print()
     for line in problems(cols):
         print("! " + line)
@@ -1364,11 +1465,11 @@ def main() -> int:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    jpath, mpath = results / f"compare-{stamp}.json", results / f"compare-{stamp}.md"
-    jpath.write_text(json.dumps({"environment": env, "notes": NOTES,
-                                 "rows": [{"key": k, "label": l, "better": b}
-                                          for k, l, b, _ in ROWS],
-                                 "columns": cols}, indent=2, default=str) + "\n")
+    jpath, mpath = (results / f"compare-{stamp}.{ext}" for ext in ("json", "md"))
+    doc = {"environment": env, "notes": NOTES,
+           "rows": [{"key": k, "label": l, "better": b} for k, l, b, _ in ROWS],
+           "columns": cols, "ratios": ratios, "targets": targets}
+    jpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     md = [f"# ferry vs peers, {env['date']}", "",
           f"- Kernel {env['kernel']}, {env['cpu_model']}, {env['cpus']} CPUs; {env['pinning']}.",
           "- Packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".",
@@ -1379,12 +1480,17 @@ def main() -> int:
           f"{ctx.quiet.reruns} disturbed workload(s) rerun).",
           f"- Held connections: {hold_why}.", "",
           render_md(header, rows), ""]
+    if ref_table:
+        md += [f"Every column relative to {REFERENCE} (its value / {REFERENCE}'s):", "",
+               render_md(*ref_table), ""]
+    if targets:
+        md += ["Targets:", "", render_md(*targets_table(targets)), ""]
     # Multi-line reasons (a peer's startup log) would break the list.
     md += [f"- Problem: {' / '.join(x.splitlines())}" for x in problems(cols)]
     md += [f"- {n}" for n in NOTES]
     mpath.write_text("\n".join(md) + "\n")
-    print(f"wrote {jpath.relative_to(REPO) if jpath.is_relative_to(REPO) else jpath}")
-    print(f"wrote {mpath.relative_to(REPO) if mpath.is_relative_to(REPO) else mpath}")
+    for path in (jpath, mpath):
+        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0 if all(c["status"] == "ok" and not c["errors"] for c in cols.values()) else 1
 
 
