@@ -6,6 +6,9 @@ Every candidate runs the same two-hop chain, one process per hop:
     client --plain--> [outbound] ==mTLS, TLS 1.3==> [inbound] --plain--> backend
 
 and "plain" is the client talking straight to the backend (the floor).
+"relay" is two haproxy hops in TCP mode without TLS: with one AES-128-GCM
+encryption and one decryption per byte added (openssl speed, same run, same
+CPU), it gives the floor for proxy CPU per GB.
 
 Both proxy processes are pinned to CPU 0; this script, the load generators
 (iperf3, wrk, the held-connections client) and the backends run on CPU 1,
@@ -75,6 +78,8 @@ COMPETITORS = ["haproxy", "nginx", "stunnel", "envoy"]
 # best peer.
 REFERENCE = "envoy"
 VS_FERRY, VS_ALL = f"ferry_vs_{REFERENCE}", f"vs_{REFERENCE}"  # keys in the JSON's ratios
+# Two plain TCP relay hops (haproxy, no TLS): the floor's relay part.
+RELAY = "relay"
 PROXY_CPU = 0
 LOAD_CPU = 1
 
@@ -583,6 +588,10 @@ def peer_argv(peer: str, hop: str, ctx: "Context", listen: int, upstream: int,
         return [str(ENVOY), "-c", str(cfg), "--concurrency", str(len({PROXY_CPU})),
                 "--disable-hot-restart", "--base-id", str(extra["base_id"]),
                 "--log-level", "warn"]
+    if peer == RELAY:
+        cfg = render("haproxy-relay.cfg", conf.with_suffix(".cfg"), listen=listen,
+                     upstream=upstream, maxconn=(ctx.nofile - 100) // 2)
+        return ["haproxy", "-db", "-f", str(cfg)]
     raise ValueError(peer)
 
 
@@ -728,6 +737,30 @@ def wrk(ctx: "Context", port: int, label: str, close: bool) -> dict:
     return r
 
 
+def aes_speed(ctx: "Context") -> dict:
+    """AES-128-GCM throughput of one CPU of the proxies' kind (openssl speed
+    on the proxies' CPU, 16 KiB buffers, the TLS record size), encrypting and
+    decrypting. openssl speed divides by the CPU time it used, so these are
+    bytes per CPU second, the unit CPU per GB is the inverse of."""
+    out = {}
+    for mode in ("encrypt", "decrypt"):
+        argv = ["openssl", "speed", "-evp", "aes-128-gcm", "-bytes", "16384",
+                "-seconds", str(ctx.aes_seconds), "-mr"] + (["-decrypt"] if mode == "decrypt" else [])
+        def workload(argv=argv, mode=mode):
+            rc, text = ctx.procs.run(f"openssl-speed-{mode}", argv, PROXY_CPU,
+                                     timeout=ctx.aes_seconds * 3 + 20)
+            m = re.search(r"^\+F:\d+:AES-128-GCM:([\d.]+)", text, re.M)
+            if rc != 0 or not m:
+                raise WorkloadError(f"openssl speed exit {rc}: {text[-300:]!r}")
+            return float(m.group(1))
+        bps, meter = ctx.quiet.run([], workload, ctx.aes_seconds)
+        out[f"{mode}_bytes_per_cpu_s"] = bps
+        out[f"{mode}_foreign_cpu_pct"] = meter.foreign_pct
+        out[f"{mode}_command"] = shlex.join(argv)
+    out["s_per_gb"] = 1e9 / out["encrypt_bytes_per_cpu_s"] + 1e9 / out["decrypt_bytes_per_cpu_s"]
+    return out
+
+
 def envoy_stats(admin: int, filt: str = r"\.ssl\.") -> dict[str, int]:
     """Counters of one Envoy from its admin listener (/stats, text form)."""
     path = "/stats?filter=" + urllib.parse.quote(filt)
@@ -837,6 +870,8 @@ class Context:
         self.backend_proc: subprocess.Popen | None = None
         # One backend port per column: see start_backends.
         self.http_ports: dict[str, int] = {}
+        self.aes_seconds = 1 if args.quick else 3
+        self.aes: dict | None = None
 
     def start_backends(self, columns: list[str]):
         # Each column gets its own backend port. The new-connection workload
@@ -973,6 +1008,20 @@ def measure_bulk(ctx: Context, res: dict, port: int, pair: Pair | None):
         m["rss_peak_total"] = max(m.get("rss_peak_total", 0), sampler.peak["total"] / 1024)
 
 
+def measure_relay(ctx: Context, res: dict, live: list):
+    """Only what the CPU-per-GB floor needs: AES-128-GCM's cost on the
+    proxies' CPU, and the bytes through two plain relay hops."""
+    a = ctx.aes = res["raw"]["aes"] = aes_speed(ctx)
+    print(f"   aes    AES-128-GCM {a['encrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s encrypt, "
+          f"{a['decrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s decrypt per CPU second: "
+          f"{a['s_per_gb']:.3f} s per GB for one of each", flush=True)
+    pair = Pair(RELAY, ctx, ctx.iperf_port, "bulk")
+    live.append(pair)
+    res["commands"] = pair.commands()
+    res["configs"] = pair.configs()
+    measure_bulk(ctx, res, pair.p0, pair)
+
+
 def measure_peer(ctx: Context, res: dict, live: list):
     """Pre-flight checks, then every workload through the peer's chain."""
     name = res["name"]
@@ -1022,7 +1071,7 @@ def run_column(ctx: Context, name: str) -> dict:
         return res
     live: list[Pair] = []  # the pair running now, stopped whatever happens
     try:
-        measure_peer(ctx, res, live)
+        (measure_relay if name == RELAY else measure_peer)(ctx, res, live)
     except StartError as e:
         res["status"] = f"failed: {e}"
         print(f"   {name} FAILED: {e}", flush=True)
@@ -1059,6 +1108,10 @@ ROWS = [
     ("cpu_per_gb_8", "proxy CPU per GB, bulk 8 streams (s, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_1k_rr", "proxy CPU per 1,000 requests (s, lower is better)", "lower", "{:.4f}"),
     ("cpu_per_1k_nc", "proxy CPU per 1,000 new conns (s, lower is better)", "lower", "{:.3f}"),
+    ("cpu_floor_gb_1", "CPU per GB floor, 1 stream: relay + AES-128-GCM enc+dec (s)", None, "{:.3f}"),
+    ("cpu_floor_gb_8", "CPU per GB floor, 8 streams: relay + AES-128-GCM enc+dec (s)", None, "{:.3f}"),
+    ("cpu_floor_ratio_1", "proxy CPU per GB / floor, 1 stream (×, lower is better)", "lower", "{:.2f}"),
+    ("cpu_floor_ratio_8", "proxy CPU per GB / floor, 8 streams (×, lower is better)", "lower", "{:.2f}"),
     ("rss_idle_out", "idle RSS, outbound hop (MiB, lower is better)", "lower", "{:.1f}"),
     ("rss_idle_in", "idle RSS, inbound hop (MiB, lower is better)", "lower", "{:.1f}"),
     ("rss_idle_total", "idle RSS, both hops (MiB, lower is better)", "lower", "{:.1f}"),
@@ -1078,6 +1131,22 @@ def fmt(value, spec: str) -> str:
     if spec == "{:d}":
         value = int(value)
     return spec.format(value)
+
+
+def finish_metrics(cols: dict, aes: dict | None):
+    """Figures that need more than one column: the CPU-per-GB floor (the
+    relay's CPU per GB plus one AES-128-GCM encryption and one decryption
+    per byte) and each peer's CPU per GB against it."""
+    relay = cols.get(RELAY, {}).get("metrics", {})
+    for streams in (1, 8):
+        r = relay.get(f"cpu_per_gb_{streams}")
+        if r is None or not aes:
+            continue
+        floor = relay[f"cpu_floor_gb_{streams}"] = r + aes["s_per_gb"]
+        for name, c in cols.items():
+            v = c["metrics"].get(f"cpu_per_gb_{streams}")
+            if name in PEERS and v is not None:
+                c["metrics"][f"cpu_floor_ratio_{streams}"] = v / floor
 
 
 def short_tls(version: str, cipher: str) -> str:
@@ -1172,12 +1241,15 @@ def reference_table(cols: dict, ratios: dict) -> tuple[list[str], list[list[str]
 
 
 # (description, [(metric, op, threshold)], compared against): every ratio is
-# ferry's figure over Envoy's.
+# ferry's figure over Envoy's, except "floor", ferry's CPU per GB over the
+# floor (relay + AES-128-GCM).
 TARGETS = [
     ("bulk throughput, 1 stream ≥ 1.25× Envoy", [("bulk1_gbps", ">=", 1.25)], "envoy"),
     ("bulk throughput, 8 streams ≥ 1.25× Envoy", [("bulk8_gbps", ">=", 1.25)], "envoy"),
     ("proxy CPU per GB ≤ 0.8× Envoy (1 and 8 streams)",
      [("cpu_per_gb_1", "<=", 0.8), ("cpu_per_gb_8", "<=", 0.8)], "envoy"),
+    ("proxy CPU per GB within 1.2× the floor (1 and 8 streams)",
+     [("cpu_floor_ratio_1", "<=", 1.2), ("cpu_floor_ratio_8", "<=", 1.2)], "floor"),
     ("req/s over 32 keep-alive conns ≥ 2× Envoy, p99 ≤ 0.5×",
      [("rr_rps", ">=", 2.0), ("rr_p99_ms", "<=", 0.5)], "envoy"),
     ("new connections/s ≥ 3× Envoy", [("nc_rps", ">=", 3.0)], "envoy"),
@@ -1190,10 +1262,11 @@ TARGETS = [
 
 def evaluate_targets(cols: dict, ratios: dict) -> list[dict]:
     out = []
+    f = cols.get("ferry", {}).get("metrics", {})
     for desc, checks, against in TARGETS:
         got = []
         for key, op, limit in checks:
-            v = ratios[VS_FERRY].get(key)
+            v = f.get(key) if against == "floor" else ratios[VS_FERRY].get(key)
             ok = None if v is None else (v >= limit if op == ">=" else v <= limit)
             got.append({"metric": key, "ratio": v, "op": op, "threshold": limit, "ok": ok})
         result = ("not measured" if any(g["ok"] is None for g in got)
@@ -1208,7 +1281,26 @@ def targets_table(targets: list[dict]) -> tuple[list[str], list[list[str]]]:
         # Three decimals: 1.204 must not print as a missed 1.20.
         figures = ", ".join(f"{g['metric']} {fmt(g['ratio'], '{:.3f}×')}" for g in t["checks"])
         rows.append([t["target"], figures, t["result"] if t["result"] != "missed" else "MISSED"])
-    return ["target (ferry's figure / Envoy's)", "ferry", "result"], rows
+    return ["target (ferry's figure / Envoy's, or / floor)", "ferry", "result"], rows
+
+
+def floor_summary(cols: dict, aes: dict | None) -> list[str]:
+    relay = cols.get(RELAY, {}).get("metrics", {})
+    out = []
+    for streams in (1, 8):
+        floor = relay.get(f"cpu_floor_gb_{streams}")
+        if floor is None:
+            continue
+        line = (f"{streams} stream{'s' if streams > 1 else ''}: relay "
+                f"{relay[f'cpu_per_gb_{streams}']:.3f} s/GB + AES-128-GCM {aes['s_per_gb']:.3f} "
+                f"s/GB (one encryption at {aes['encrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s, one "
+                f"decryption at {aes['decrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s per CPU "
+                f"second) = {floor:.3f} s/GB")
+        f = cols.get("ferry", {}).get("metrics", {}).get(f"cpu_floor_ratio_{streams}")
+        if f is not None:
+            line += f"; ferry {f:.2f}× the floor"
+        out.append(line)
+    return out
 
 
 def problems(cols: dict) -> list[str]:
@@ -1309,6 +1401,10 @@ NOTES = [
     "TLS_AES_128_GCM_SHA256 (BoringSSL's order, which ferry offers too). The probe "
     "row shows each inbound hop's choice for a default OpenSSL client; Envoy's own "
     "counters give what its two hops negotiated.",
+    "Floor for CPU per GB: the column 'relay' is two haproxy hops in TCP mode without "
+    "TLS, pinned like the peers; to its CPU per GB the floor adds one AES-128-GCM "
+    "encryption and one decryption per byte at the rate openssl speed (16 KiB "
+    "buffers, on the proxies' CPU, per CPU second) measured in the same run.",
     "Ratios: 'ferry vs best peer' takes the best of haproxy, nginx, stunnel and "
     "Envoy for each figure; 'ferry vs envoy' and the second table divide by Envoy's "
     "figure. Targets are judged on those ratios.",
@@ -1332,6 +1428,8 @@ def main() -> int:
                          "0 skips the test)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 s workloads, 500 held connections")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the CPU-per-GB floor (plain relay + AES-128-GCM)")
     ap.add_argument("--quiet-budget", type=float, default=None,
                     help="seconds the whole run may spend waiting for a busy machine to "
                          "quiet down and rerunning disturbed workloads (default 60; 10 "
@@ -1385,7 +1483,9 @@ def main() -> int:
     # off the proxies' CPU.
     os.sched_setaffinity(0, {LOAD_CPU})
 
-    for tool in ("iperf3", "wrk", "nginx", "openssl", "taskset", "prlimit"):
+    tools = ["iperf3", "wrk", "nginx", "openssl", "taskset", "prlimit"]
+    tools += ["haproxy"] if not args.no_floor else []
+    for tool in tools:
         if not shutil.which(tool):
             print(f"missing {tool}: run bench/compare.sh, which installs it", file=sys.stderr)
             return 2
@@ -1408,7 +1508,8 @@ def main() -> int:
     print(f"command  {env['command']}")
     print(f"workloads {args.duration}s each; held connections: {hold_why}", flush=True)
 
-    columns = ([] if args.no_plain else ["plain"]) + [p for p in PEERS if p in peers]
+    columns = (([] if args.no_plain else ["plain"]) + ([] if args.no_floor else [RELAY])
+               + [p for p in PEERS if p in peers])
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ferry-compare-"))
     ctx = Context(args, work, hard)
@@ -1435,10 +1536,12 @@ def main() -> int:
     env["wall_seconds"] = round(wall, 1)
     env["quiet_waited_s"] = ctx.quiet.waited
     env["reruns"] = ctx.quiet.reruns
+    finish_metrics(cols, ctx.aes)
     ratios = compute_ratios(cols)
     targets = evaluate_targets(cols, ratios) if "ferry" in cols and REFERENCE in cols else []
     header, rows = table(cols, ratios)
     ref_table = reference_table(cols, ratios)
+    floor_lines = floor_summary(cols, ctx.aes)
     print()
     print(render_text(header, rows))
     if ref_table:
@@ -1449,6 +1552,8 @@ def main() -> int:
         print()
         print(render_text(*targets_table(targets)))
     print()
+    for line in floor_lines:
+        print("floor: " + line)
     for line in problems(cols):
         print("! " + line)
     for n in NOTES:
@@ -1468,7 +1573,8 @@ def main() -> int:
     jpath, mpath = (results / f"compare-{stamp}.{ext}" for ext in ("json", "md"))
     doc = {"environment": env, "notes": NOTES,
            "rows": [{"key": k, "label": l, "better": b} for k, l, b, _ in ROWS],
-           "columns": cols, "ratios": ratios, "targets": targets}
+           "columns": cols, "floor": {"aes": ctx.aes, "summary": floor_lines},
+           "ratios": ratios, "targets": targets}
     jpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     md = [f"# ferry vs peers, {env['date']}", "",
           f"- Kernel {env['kernel']}, {env['cpu_model']}, {env['cpus']} CPUs; {env['pinning']}.",
@@ -1485,6 +1591,7 @@ def main() -> int:
                render_md(*ref_table), ""]
     if targets:
         md += ["Targets:", "", render_md(*targets_table(targets)), ""]
+    md += [f"- Floor: {x}" for x in floor_lines]
     # Multi-line reasons (a peer's startup log) would break the list.
     md += [f"- Problem: {' / '.join(x.splitlines())}" for x in problems(cols)]
     md += [f"- {n}" for n in NOTES]
