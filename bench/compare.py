@@ -11,8 +11,9 @@ encryption and one decryption per byte added (openssl speed, same run, same
 CPU), it gives the floor for proxy CPU per GB.
 
 Both proxy processes are pinned to CPU 0; this script, the load generators
-(iperf3, wrk, the held-connections client) and the backends run on CPU 1,
-so the proxies' cost is what limits throughput and what the CPU counters see.
+(iperf3, wrk, redis-benchmark, the held-connections client) and the
+backends (nginx, iperf3, redis) run on CPU 1, so the proxies' cost is what
+limits throughput and what the CPU counters see.
 
 All peers use the same certificates from `ferry certs` (Consul-shaped, EC
 P-256), TLS 1.3 only, mutual: the inbound hop requires a client certificate
@@ -95,6 +96,8 @@ HOLD_MAX = 10000
 # ferry's default -max-handshakes (128), which refuses more at accept.
 HOLD_CONCURRENCY = 64
 WRK_CONNECTIONS = 32
+REDIS_CLIENTS = 20
+REDIS_TIMEOUT = 120  # a bounded count, and a bound on its time as well
 STOP_DEADLINE = 6.0  # ferry drains for up to 4 s on SIGTERM
 # Envoy takes a second or more to come up, more on a busy machine.
 START_DEADLINE = 30.0
@@ -737,6 +740,23 @@ def wrk(ctx: "Context", port: int, label: str, close: bool) -> dict:
     return r
 
 
+def redis_bench(ctx: "Context", port: int, label: str) -> dict:
+    """redis-benchmark, SET then GET, 20 clients, a fixed request count:
+    ops/s and latency of each, from its CSV output."""
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(ctx.redis_n),
+            "-c", str(REDIS_CLIENTS), "-t", "get,set", "--csv"]
+    rc, out = ctx.procs.run(f"redis-{label}", argv, LOAD_CPU, timeout=REDIS_TIMEOUT)
+    r = {}
+    for m in re.finditer(r'^"(GET|SET)","([\d.]+)","([\d.]+)","[\d.]+","([\d.]+)",'
+                         r'"[\d.]+","([\d.]+)"', out, re.M):
+        test, rps, avg, p50, p99 = m.groups()
+        r[test.lower()] = {"rps": float(rps), "avg_ms": float(avg), "p50_ms": float(p50),
+                           "p99_ms": float(p99)}
+    if rc != 0 or set(r) != {"get", "set"}:
+        raise WorkloadError(f"redis-benchmark exit {rc}: {out[-300:]!r}")
+    return r
+
+
 def aes_speed(ctx: "Context") -> dict:
     """AES-128-GCM throughput of one CPU of the proxies' kind (openssl speed
     on the proxies' CPU, 16 KiB buffers, the TLS record size), encrypting and
@@ -870,6 +890,9 @@ class Context:
         self.backend_proc: subprocess.Popen | None = None
         # One backend port per column: see start_backends.
         self.http_ports: dict[str, int] = {}
+        self.redis_n = args.redis_requests
+        self.redis_port = 0
+        self.redis_proc: subprocess.Popen | None = None
         self.aes_seconds = 1 if args.quick else 3
         self.aes: dict | None = None
 
@@ -898,9 +921,24 @@ class Context:
             if http_get(port) != BODY:
                 raise StartError("backend nginx does not serve the 100-byte body")
         self.restart_iperf_server()
+        if self.redis_n:
+            self.start_redis()
+
+    def start_redis(self):
+        # The real-client workload's server: on the load CPU, loopback only,
+        # nothing persisted; stopped by PID with everything else.
+        (self.redis_port,) = free_ports(1)
+        rundir = self.work / "redis.d"
+        rundir.mkdir()
+        self.redis_proc = self.procs.start(
+            "backend-redis", ["redis-server", "--port", str(self.redis_port),
+                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                              "--daemonize", "no", "--dir", str(rundir),
+                              "--maxclients", "1000", "--loglevel", "warning"], LOAD_CPU)
+        wait_listening(self.redis_port, self.redis_proc, self.procs, "backend-redis")
 
     def backend_pids(self) -> list[int]:
-        procs = [p for p in (self.backend_proc, self.iperf_proc) if p]
+        procs = [p for p in (self.backend_proc, self.iperf_proc, self.redis_proc) if p]
         return [pid for p in procs for pid in process_tree(p.pid)]
 
     def restart_iperf_server(self):
@@ -1008,6 +1046,29 @@ def measure_bulk(ctx: Context, res: dict, port: int, pair: Pair | None):
         m["rss_peak_total"] = max(m.get("rss_peak_total", 0), sampler.peak["total"] / 1024)
 
 
+def measure_redis(ctx: Context, res: dict, port: int, pair: Pair | None):
+    """redis-benchmark GET and SET through the chain (or straight to redis
+    for plain); the ratio to the direct connection is filled in at the end."""
+    m, err = res["metrics"], res["errors"]
+    pids = [p for ps in (pair.hops() if pair else {}).values() for p in ps]
+    try:
+        # Cost of a rerun: both tests at a few thousand ops/s at worst.
+        r, meter = ctx.quiet.run(pids, lambda: redis_bench(ctx, port, res["name"]),
+                                 max(1.0, ctx.redis_n / 5000))
+    except WorkloadError as e:
+        err["redis"] = str(e)
+        return
+    print(f"   redis  SET {r['set']['rps']:>10,.0f} ops/s  GET {r['get']['rps']:>10,.0f} ops/s  "
+          f"proxy CPU {meter.proxy:.2f} s", flush=True)
+    for op in ("get", "set"):
+        m[f"redis_{op}_ops"] = r[op]["rps"]
+        m[f"redis_{op}_p99_ms"] = r[op]["p99_ms"]
+    res["raw"]["redis"] = r | {"requests_each": ctx.redis_n, "clients": REDIS_CLIENTS,
+                               "proxy_cpu_s": meter.proxy, "foreign_cpu_pct": meter.foreign_pct,
+                               "foreign_cpu_raw_s": round(meter.foreign_raw_s, 3)}
+    m["foreign_cpu_pct"] = max(m.get("foreign_cpu_pct", 0.0), meter.foreign_pct)
+
+
 def measure_relay(ctx: Context, res: dict, live: list):
     """Only what the CPU-per-GB floor needs: AES-128-GCM's cost on the
     proxies' CPU, and the bytes through two plain relay hops."""
@@ -1052,11 +1113,15 @@ def measure_peer(ctx: Context, res: dict, live: list):
         res["raw"]["envoy_tls_out"] = t
         print(f"   tls    between the hops {res['hop_tls']} {'/'.join(t['curves'])}; "
               f"outbound resumed {t['resumed']} of {t['handshakes']} handshakes", flush=True)
-    # The bulk workloads need the inbound hop pointed at iperf3: a fresh pair.
-    live.pop().stop()
-    pair = Pair(name, ctx, ctx.iperf_port, "bulk")
-    live.append(pair)
-    measure_bulk(ctx, res, pair.p0, pair)
+    # Each further backend needs the inbound hop pointed at it: a fresh pair.
+    for backend, tag, measure in ((ctx.iperf_port, "bulk", measure_bulk),
+                                  (ctx.redis_port, "redis", measure_redis)):
+        if tag == "redis" and not ctx.redis_n:
+            continue
+        live.pop().stop()
+        pair = Pair(name, ctx, backend, tag)
+        live.append(pair)
+        measure(ctx, res, pair.p0, pair)
 
 
 def run_column(ctx: Context, name: str) -> dict:
@@ -1067,6 +1132,8 @@ def run_column(ctx: Context, name: str) -> dict:
     if name == "plain":
         measure_http(ctx, res, ctx.http_ports[name], None)
         measure_bulk(ctx, res, ctx.iperf_port, None)
+        if ctx.redis_n:
+            measure_redis(ctx, res, ctx.redis_port, None)
         res["wall_seconds"] = round(time.monotonic() - t0, 1)
         return res
     live: list[Pair] = []  # the pair running now, stopped whatever happens
@@ -1104,6 +1171,12 @@ ROWS = [
     ("nc_accepts_per_req", "new conn: backend accepts per request (1.00 = a new conn each)", None, "{:.2f}"),
     ("rr_errors", "req/resp errors (wrk)", None, "{:d}"),
     ("nc_errors", "new conn errors (wrk)", None, "{:d}"),
+    ("redis_get_ops", "redis-benchmark GET, 20 clients (ops/s, higher is better)", "higher", "{:,.0f}"),
+    ("redis_set_ops", "redis-benchmark SET, 20 clients (ops/s, higher is better)", "higher", "{:,.0f}"),
+    ("redis_get_vs_direct", "redis GET vs direct to redis (×, higher is better)", "higher", "{:.2f}"),
+    ("redis_set_vs_direct", "redis SET vs direct to redis (×, higher is better)", "higher", "{:.2f}"),
+    ("redis_get_p99_ms", "redis GET latency p99 (ms, lower is better)", "lower", "{:.3f}"),
+    ("redis_set_p99_ms", "redis SET latency p99 (ms, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_gb_1", "proxy CPU per GB, bulk 1 stream (s, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_gb_8", "proxy CPU per GB, bulk 8 streams (s, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_1k_rr", "proxy CPU per 1,000 requests (s, lower is better)", "lower", "{:.4f}"),
@@ -1136,7 +1209,8 @@ def fmt(value, spec: str) -> str:
 def finish_metrics(cols: dict, aes: dict | None):
     """Figures that need more than one column: the CPU-per-GB floor (the
     relay's CPU per GB plus one AES-128-GCM encryption and one decryption
-    per byte) and each peer's CPU per GB against it."""
+    per byte) and each peer's CPU per GB against it; redis through each
+    chain against redis straight."""
     relay = cols.get(RELAY, {}).get("metrics", {})
     for streams in (1, 8):
         r = relay.get(f"cpu_per_gb_{streams}")
@@ -1147,6 +1221,13 @@ def finish_metrics(cols: dict, aes: dict | None):
             v = c["metrics"].get(f"cpu_per_gb_{streams}")
             if name in PEERS and v is not None:
                 c["metrics"][f"cpu_floor_ratio_{streams}"] = v / floor
+    direct = cols.get("plain", {}).get("metrics", {})
+    for op in ("get", "set"):
+        d = direct.get(f"redis_{op}_ops")
+        for c in cols.values():
+            v = c["metrics"].get(f"redis_{op}_ops")
+            if d and v is not None:
+                c["metrics"][f"redis_{op}_vs_direct"] = v / d
 
 
 def short_tls(version: str, cipher: str) -> str:
@@ -1342,7 +1423,8 @@ def environment(args, nofile: int, hold_why: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     pkgs = {}
-    for p in ("haproxy", "nginx", "libnginx-mod-stream", "stunnel4", "iperf3", "wrk", "libssl3"):
+    for p in ("haproxy", "nginx", "libnginx-mod-stream", "stunnel4", "iperf3", "wrk",
+              "redis-server", "redis-tools", "libssl3"):
         pkgs[p] = cmd_out(["dpkg-query", "-W", "-f", "${Version}", p]) or "not installed"
     # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
     envoy = cmd_out([str(ENVOY), "--version"]) if ENVOY.exists() else ""
@@ -1367,6 +1449,7 @@ def environment(args, nofile: int, hold_why: str) -> dict:
         "nofile_hard": nofile,
         "pinning": f"proxies on CPU {PROXY_CPU}; load generators and backends on CPU {LOAD_CPU}",
         "envoy_binary": str(ENVOY),
+        "redis_requests": args.redis_requests,
     }
 
 
@@ -1405,6 +1488,9 @@ NOTES = [
     "TLS, pinned like the peers; to its CPU per GB the floor adds one AES-128-GCM "
     "encryption and one decryption per byte at the rate openssl speed (16 KiB "
     "buffers, on the proxies' CPU, per CPU second) measured in the same run.",
+    "redis: redis-benchmark -c 20 -t get,set with a fixed request count through each "
+    "chain to one redis-server on the load CPU, and straight to it (plain); 'vs "
+    "direct' is the chain's ops/s over the direct connection's.",
     "Ratios: 'ferry vs best peer' takes the best of haproxy, nginx, stunnel and "
     "Envoy for each figure; 'ferry vs envoy' and the second table divide by Envoy's "
     "figure. Targets are judged on those ratios.",
@@ -1427,7 +1513,11 @@ def main() -> int:
                          "(default: as many as the fd limit allows, at most 10000; "
                          "0 skips the test)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 s workloads, 500 held connections")
+                    help="smoke run: 1 s workloads, 500 held connections, 10,000 redis "
+                         "requests per test")
+    ap.add_argument("--redis-requests", type=int, default=None,
+                    help="requests per redis-benchmark test (GET, SET) through each chain "
+                         "(default 50000; 10000 with --quick; 0 skips redis)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the CPU-per-GB floor (plain relay + AES-128-GCM)")
     ap.add_argument("--quiet-budget", type=float, default=None,
@@ -1449,6 +1539,8 @@ def main() -> int:
         args.duration = 1 if args.quick else 5
     if args.quiet_budget is None:
         args.quiet_budget = 10.0 if args.quick else 60.0
+    if args.redis_requests is None:
+        args.redis_requests = 10000 if args.quick else 50000
     if args.duration < 1:
         ap.error("--duration must be at least 1")
 
@@ -1485,6 +1577,7 @@ def main() -> int:
 
     tools = ["iperf3", "wrk", "nginx", "openssl", "taskset", "prlimit"]
     tools += ["haproxy"] if not args.no_floor else []
+    tools += ["redis-server", "redis-benchmark"] if args.redis_requests else []
     for tool in tools:
         if not shutil.which(tool):
             print(f"missing {tool}: run bench/compare.sh, which installs it", file=sys.stderr)

@@ -19,6 +19,9 @@ command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
+# The real-client workload: redis-server's package brings redis-benchmark.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   # Noninteractive: iperf3's package otherwise asks whether to run a daemon.
