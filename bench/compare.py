@@ -25,8 +25,8 @@ the SPIFFE identity on both sides and the intentions on every inbound
 connection.
 
 Every figure of ferry is reported as a ratio to the best peer and to Envoy;
-every column's figures also as ratios to Envoy's (a second table and the
-JSON), and the targets against Envoy as met or missed.
+every column's figures also as ratios to Envoy's (a second table, the JSON
+and an SVG chart), and the targets against Envoy as met or missed.
 
 The machine may be shared: before each workload the run waits (within a
 budget) for both CPUs to be quiet, reruns a workload that other tasks
@@ -38,8 +38,9 @@ Run through bench/compare.sh, which installs the peers and builds ferry:
     bash bench/compare.sh --quick                 # smoke run, a few minutes
     bash bench/compare.sh                         # full run
     bash bench/compare.sh --peers envoy,ferry --duration 10
+    python3 bench/compare.py --svg bench/results/compare-<date>.json
 
-Results: a table on stdout, and bench/results/compare-<date>.{json,md}.
+Results: a table on stdout, and bench/results/compare-<date>.{json,md,svg}.
 Standard library only (Python 3.11).
 """
 
@@ -1365,6 +1366,140 @@ def targets_table(targets: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["target (ferry's figure / Envoy's, or / floor)", "ferry", "result"], rows
 
 
+# The chart: per workload, each peer's figure against Envoy's.
+CHART = [
+    ("bulk1_gbps", "bulk, 1 stream"),
+    ("bulk8_gbps", "bulk, 8 streams"),
+    ("rr_rps", "req/s, 32 keep-alive conns"),
+    ("rr_p99_ms", "req/resp latency p99"),
+    ("nc_rps", "new connections/s"),
+    ("redis_get_ops", "redis GET ops/s"),
+    ("redis_set_ops", "redis SET ops/s"),
+    ("cpu_per_gb_1", "CPU per GB, 1 stream"),
+    ("cpu_per_gb_8", "CPU per GB, 8 streams"),
+    ("cpu_per_1k_rr", "CPU per 1,000 requests"),
+    ("cpu_per_1k_nc", "CPU per 1,000 new conns"),
+    ("rss_idle_total", "idle RSS, both hops"),
+    ("rss_per_conn_total", "RSS per held idle conn"),
+]
+# ferry's target on the chart's scale (times better than Envoy).
+CHART_TARGETS = {"bulk1_gbps": 1.25, "bulk8_gbps": 1.25, "rr_rps": 2.0, "rr_p99_ms": 2.0,
+                 "nc_rps": 3.0, "cpu_per_gb_1": 1.25, "cpu_per_gb_8": 1.25,
+                 "rss_idle_total": 10.0, "rss_per_conn_total": 2.0}
+COLORS = {"haproxy": "#1b9e77", "nginx": "#7570b3", "stunnel": "#e7298a",
+          "envoy": "#666666", "ferry": "#d95f02"}
+
+
+def render_svg(doc: dict) -> str:
+    """A hand-written SVG of doc (the run's JSON): one group of bars per
+    workload, one bar per peer, showing how many times better than Envoy the
+    peer is: its figure / Envoy's where higher is better, Envoy's / its
+    figure where lower is better. Log scale; the centre line is Envoy."""
+    import html
+    import math
+    better = {r["key"]: r["better"] for r in doc["rows"]}
+    vs = doc["ratios"][VS_ALL]
+    peers = [p for p in PEERS if p in vs]
+    groups = []
+    for key, label in CHART:
+        bars = []
+        for peer in peers:
+            r = vs[peer].get(key)
+            if r:
+                bars.append((peer, r if better.get(key) == "higher" else 1 / r))
+        if bars:
+            groups.append((key, label, bars))
+    env = doc["environment"]
+    worst = max((c["metrics"].get("foreign_cpu_pct", 0) for c in doc["columns"].values()),
+                default=0)
+    noisy = worst > Quiet.THRESHOLD
+    values = [v for _, _, bars in groups for _, v in bars] + [1.0]
+    values += [CHART_TARGETS[k] for k, _, _ in groups if k in CHART_TARGETS]
+    # Whole powers of two, with about an octave beyond the extreme bars for
+    # their figures.
+    lo = 2.0 ** math.floor(math.log2(max(min(values), 1 / 64)) - 0.9)
+    hi = 2.0 ** math.ceil(math.log2(min(max(values), 64)) + 0.9)
+
+    left, plot_w, right, bar_h, gap = 200, 600, 70, 13, 12
+    top = 112
+    width = left + plot_w + right
+    height = top + sum(len(b) * bar_h + gap for _, _, b in groups) + 60
+
+    def x(v: float) -> float:
+        v = min(max(v, lo), hi)
+        return left + plot_w * (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" '
+           f'font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="20" font-size="15" font-weight="bold">ferry and its peers relative '
+           f'to {e(REFERENCE.capitalize())}: times better, per workload</text>',
+           f'<text x="10" y="38" fill="#333">Right of the centre line: better than '
+           f'{e(REFERENCE.capitalize())} by that factor, on a log scale. Higher-is-better '
+           f'figures: the peer\'s ÷ {e(REFERENCE.capitalize())}\'s;</text>',
+           f'<text x="10" y="52" fill="#333">lower-is-better ones (latency, CPU, memory): '
+           f'{e(REFERENCE.capitalize())}\'s ÷ the peer\'s. Dashed: ferry\'s target.</text>',
+           f'<text x="10" y="66" fill="#333">{e(env.get("date", ""))} · '
+           f'{e(env.get("command", ""))} · {env.get("duration_s", "?")} s per workload · '
+           f'proxies pinned to one CPU</text>']
+    if noisy:
+        out.append(f'<text x="10" y="82" fill="#b00000" font-weight="bold">Noisy run: other '
+                   f'tasks took up to {worst:.0f}% of a CPU during a workload; read as a '
+                   f'smoke test, not as figures.</text>')
+    # Legend.
+    lx = left
+    for peer in peers:
+        out.append(f'<rect x="{lx}" y="{top - 18}" width="10" height="10" '
+                   f'fill="{COLORS.get(peer, "#999")}"/>')
+        out.append(f'<text x="{lx + 14}" y="{top - 9}">{e(peer)}</text>')
+        lx += 14 + 8 * len(peer) + 16
+    out.append(f'<line x1="{lx}" y1="{top - 13}" x2="{lx + 14}" y2="{top - 13}" stroke="black" '
+               f'stroke-dasharray="3,2"/><text x="{lx + 18}" y="{top - 9}">ferry\'s target</text>')
+    lx += 18 + 90
+    out.append(f'<line x1="{lx + 5}" y1="{top - 19}" x2="{lx + 5}" y2="{top - 7}" stroke="black" '
+               f'stroke-width="1.5"/><text x="{lx + 12}" y="{top - 9}">'
+               f'{e(REFERENCE.capitalize())} = 1×</text>')
+    # Grid and axis.
+    y_end = height - 44
+    v = lo
+    while v <= hi * 1.0001:
+        gx = x(v)
+        label = f"{v:g}×" if v >= 1 else f"1/{1 / v:g}"
+        out.append(f'<line x1="{gx:.1f}" y1="{top}" x2="{gx:.1f}" y2="{y_end}" '
+                   f'stroke="{"#000" if v == 1 else "#ddd"}" stroke-width="{1.5 if v == 1 else 1}"/>')
+        out.append(f'<text x="{gx:.1f}" y="{y_end + 14}" text-anchor="middle">{label}</text>')
+        v *= 2
+    out.append(f'<text x="{x(1.0):.1f}" y="{y_end + 30}" text-anchor="middle" fill="#333">'
+               f'{e(REFERENCE.capitalize())} = 1×   ← worse · better →</text>')
+    y = top + 4
+    for key, label, bars in groups:
+        gh = len(bars) * bar_h
+        out.append(f'<text x="{left - 8}" y="{y + gh / 2 + 4:.1f}" text-anchor="end">'
+                   f'{e(label)}</text>')
+        for peer, v in bars:
+            x0, x1 = sorted((x(1.0), x(v)))
+            out.append(f'<rect x="{x0:.1f}" y="{y + 1}" width="{max(x1 - x0, 1):.1f}" '
+                       f'height="{bar_h - 2}" fill="{COLORS.get(peer, "#999")}">'
+                       f'<title>{e(peer)} {e(label)}: {v:.2f}× vs {e(REFERENCE)}</title></rect>')
+            tx, anchor = (x1 + 3, "start") if v >= 1 else (x0 - 3, "end")
+            if peer == "ferry" and key in CHART_TARGETS:
+                mx = x(CHART_TARGETS[key])
+                out.append(f'<line x1="{mx:.1f}" y1="{y - 1}" x2="{mx:.1f}" y2="{y + bar_h + 1}" '
+                           f'stroke="black" stroke-width="1.5" stroke-dasharray="3,2"/>')
+            # A white halo keeps the figure readable across a target mark.
+            out.append(f'<text x="{tx:.1f}" y="{y + bar_h - 3}" text-anchor="{anchor}" '
+                       f'font-size="9.5" stroke="white" stroke-width="3" paint-order="stroke">'
+                       f'{e(peer)} {v:.2f}×</text>')
+            y += bar_h
+        y += gap
+        out.append(f'<line x1="{left - 190}" y1="{y - gap / 2:.1f}" x2="{left + plot_w}" '
+                   f'y2="{y - gap / 2:.1f}" stroke="#eee"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def floor_summary(cols: dict, aes: dict | None) -> list[str]:
     relay = cols.get(RELAY, {}).get("metrics", {})
     out = []
@@ -1520,6 +1655,8 @@ def main() -> int:
                          "(default 50000; 10000 with --quick; 0 skips redis)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the CPU-per-GB floor (plain relay + AES-128-GCM)")
+    ap.add_argument("--svg", metavar="JSON",
+                    help="only (re)draw the chart of an earlier run's JSON, next to it")
     ap.add_argument("--quiet-budget", type=float, default=None,
                     help="seconds the whole run may spend waiting for a busy machine to "
                          "quiet down and rerunning disturbed workloads (default 60; 10 "
@@ -1530,6 +1667,13 @@ def main() -> int:
     ap.add_argument("--keep-temp", action="store_true",
                     help="keep the temporary directory (configs, logs) for debugging")
     args = ap.parse_args()
+
+    if args.svg:
+        src = Path(args.svg)
+        dest = src.with_suffix(".svg")
+        dest.write_text(render_svg(json.loads(src.read_text())))
+        print(f"wrote {dest}")
+        return 0
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     bad = [p for p in peers if p not in PEERS]
@@ -1663,7 +1807,7 @@ def main() -> int:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    jpath, mpath = (results / f"compare-{stamp}.{ext}" for ext in ("json", "md"))
+    jpath, mpath, spath = (results / f"compare-{stamp}.{ext}" for ext in ("json", "md", "svg"))
     doc = {"environment": env, "notes": NOTES,
            "rows": [{"key": k, "label": l, "better": b} for k, l, b, _ in ROWS],
            "columns": cols, "floor": {"aes": ctx.aes, "summary": floor_lines},
@@ -1689,7 +1833,11 @@ def main() -> int:
     md += [f"- Problem: {' / '.join(x.splitlines())}" for x in problems(cols)]
     md += [f"- {n}" for n in NOTES]
     mpath.write_text("\n".join(md) + "\n")
-    for path in (jpath, mpath):
+    written = [jpath, mpath]
+    if ratios[VS_ALL]:
+        spath.write_text(render_svg(doc))
+        written.append(spath)
+    for path in written:
         print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0 if all(c["status"] == "ok" and not c["errors"] for c in cols.values()) else 1
 
