@@ -35,8 +35,8 @@ tasks, so a disturbed result is visible as such.
 
 Run through bench/compare.sh, which installs the peers and builds ferry:
 
-    bash bench/compare.sh --quick                 # smoke run, a few minutes
-    bash bench/compare.sh                         # full run
+    bash bench/compare.sh --quick                 # smoke run, one to two minutes
+    bash bench/compare.sh                         # full run, several minutes
     bash bench/compare.sh --peers envoy,ferry --duration 10
     python3 bench/compare.py --svg bench/results/compare-<date>.json
 

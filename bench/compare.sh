@@ -4,7 +4,7 @@
 # through tests/envoy/install.sh), builds ferry, then runs bench/compare.py
 # with the given arguments (see --help).
 #
-#   bash bench/compare.sh --quick     # smoke run, a few minutes
+#   bash bench/compare.sh --quick     # smoke run, one to two minutes
 #   bash bench/compare.sh             # full run
 set -euo pipefail
 cd "$(dirname "$0")/.."
