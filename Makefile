@@ -36,7 +36,7 @@ fmt: ## format the code
 bench: ## criterion benchmarks: splice through TLS, mTLS handshake, balancer
 	$(CARGO) bench
 
-compare: ## ferry vs haproxy, nginx and stunnel, side by side (installs them; ARGS=--quick for a smoke run)
+compare: ## ferry vs haproxy, nginx, stunnel and Envoy, side by side, with ratios to Envoy and a chart (installs them; ARGS=--quick for a smoke run)
 	bash bench/compare.sh $(ARGS)
 
 certs: ## dev CA and leaves for web, api and billing in certs/

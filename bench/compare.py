@@ -1,22 +1,32 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: ferry against haproxy, nginx and stunnel.
+"""Side-by-side benchmark: ferry against haproxy, nginx, stunnel and Envoy.
 
 Every candidate runs the same two-hop chain, one process per hop:
 
     client --plain--> [outbound] ==mTLS, TLS 1.3==> [inbound] --plain--> backend
 
 and "plain" is the client talking straight to the backend (the floor).
+"relay" is two haproxy hops in TCP mode without TLS: with one AES-128-GCM
+encryption and one decryption per byte added (openssl speed, same run, same
+CPU), it gives the floor for proxy CPU per GB.
 
 Both proxy processes are pinned to CPU 0; this script, the load generators
-(iperf3, wrk, the held-connections client) and the backends run on CPU 1,
-so the proxies' cost is what limits throughput and what the CPU counters see.
+(iperf3, wrk, redis-benchmark, the held-connections client) and the
+backends (nginx, iperf3, redis) run on CPU 1, so the proxies' cost is what
+limits throughput and what the CPU counters see.
 
 All peers use the same certificates from `ferry certs` (Consul-shaped, EC
 P-256), TLS 1.3 only, mutual: the inbound hop requires a client certificate
 chaining to the dev CA, the outbound hop presents web's leaf and verifies
-the server chain. The peers check the chain only; ferry additionally checks
+the server chain. haproxy, nginx and stunnel check the chain only; Envoy,
+configured as Consul configures a sidecar, also matches the server's SPIFFE
+URI and allows the client's SPIFFE ID through its RBAC filter; ferry checks
 the SPIFFE identity on both sides and the intentions on every inbound
-connection, so it does strictly more work per connection.
+connection.
+
+Every figure of ferry is reported as a ratio to the best peer and to Envoy;
+every column's figures also as ratios to Envoy's (a second table, the JSON
+and an SVG chart), and the targets against Envoy as met or missed.
 
 The machine may be shared: before each workload the run waits (within a
 budget) for both CPUs to be quiet, reruns a workload that other tasks
@@ -25,11 +35,12 @@ tasks, so a disturbed result is visible as such.
 
 Run through bench/compare.sh, which installs the peers and builds ferry:
 
-    bash bench/compare.sh --quick                 # smoke run, under a minute
-    bash bench/compare.sh                         # full run, about 3-4 minutes
-    bash bench/compare.sh --peers ferry,haproxy --duration 10
+    bash bench/compare.sh --quick                 # smoke run, one to two minutes
+    bash bench/compare.sh                         # full run, several minutes
+    bash bench/compare.sh --peers envoy,ferry --duration 10
+    python3 bench/compare.py --svg bench/results/compare-<date>.json
 
-Results: a table on stdout, and bench/results/compare-<date>.{json,md}.
+Results: a table on stdout, and bench/results/compare-<date>.{json,md,svg}.
 Standard library only (Python 3.11).
 """
 
@@ -53,15 +64,24 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TEMPLATES = HERE / "peers"
 FERRY = REPO / "target" / "release" / "ferry"
+# compare.sh exports the path tests/envoy/install.sh printed.
+ENVOY = Path(os.environ.get("FERRY_ENVOY") or REPO / ".deps" / "envoy" / "envoy" / "_bin" / "envoy")
 
-PEERS = ["haproxy", "nginx", "stunnel", "ferry"]
-COMPETITORS = ["haproxy", "nginx", "stunnel"]
+PEERS = ["haproxy", "nginx", "stunnel", "envoy", "ferry"]
+COMPETITORS = ["haproxy", "nginx", "stunnel", "envoy"]
+# The reference every ratio and target below is taken against, beside the
+# best peer.
+REFERENCE = "envoy"
+VS_FERRY, VS_ALL = f"ferry_vs_{REFERENCE}", f"vs_{REFERENCE}"  # keys in the JSON's ratios
+# Two plain TCP relay hops (haproxy, no TLS): the floor's relay part.
+RELAY = "relay"
 PROXY_CPU = 0
 LOAD_CPU = 1
 
@@ -77,8 +97,11 @@ HOLD_MAX = 10000
 # ferry's default -max-handshakes (128), which refuses more at accept.
 HOLD_CONCURRENCY = 64
 WRK_CONNECTIONS = 32
+REDIS_CLIENTS = 20
+REDIS_TIMEOUT = 120  # a bounded count, and a bound on its time as well
 STOP_DEADLINE = 6.0  # ferry drains for up to 4 s on SIGTERM
-START_DEADLINE = 10.0
+# Envoy takes a second or more to come up, more on a busy machine.
+START_DEADLINE = 30.0
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -483,7 +506,14 @@ def make_certs(work: Path) -> dict:
     foreign = work / "foreign"
     subprocess.run([str(FERRY), "certs", "-dir", str(foreign), "web"],
                    check=True, capture_output=True, timeout=30)
-    return {"dir": certs, "foreign": foreign, "dns_name": dns_name}
+    # dns_name is also Consul's SNI for api (<svc>.<ns>.<dc>.internal.<td>),
+    # which Envoy's outbound hop sends. Envoy's inbound RBAC allows web's
+    # SPIFFE ID by regex, as Consul writes an intention: the trust domain's
+    # dots escaped, any datacenter.
+    td_re = trust_domain.replace(".", r"\.")
+    return {"dir": certs, "foreign": foreign, "dns_name": dns_name,
+            "api_spiffe": spiffe, "trust_domain": trust_domain, "ns": ns, "dc": dc,
+            "web_regex": f"^spiffe://{td_re}/ns/{ns}/dc/[^/]+/svc/web$"}
 
 
 # --------------------------------------------------------------------------
@@ -510,9 +540,10 @@ def nginx_stream_module() -> str:
 
 
 def peer_argv(peer: str, hop: str, ctx: "Context", listen: int, upstream: int,
-              tag: str) -> list[str]:
+              tag: str, extra: dict) -> list[str]:
     """argv for one hop. hop: 'out' (plain in, mTLS out) or 'in' (mTLS in,
-    plain out)."""
+    plain out). extra: what the caller should know beyond the argv (Envoy's
+    admin port)."""
     certs = ctx.certs["dir"]
     conf = ctx.work / f"{peer}-{hop}-{tag}"
     if peer == "ferry":
@@ -543,19 +574,44 @@ def peer_argv(peer: str, hop: str, ctx: "Context", listen: int, upstream: int,
         cfg = render(f"stunnel-{hop}.conf", conf.with_suffix(".conf"), listen=listen,
                      upstream=upstream, certs=certs)
         return ["stunnel4" if shutil.which("stunnel4") else "stunnel", str(cfg)]
+    if peer == "envoy":
+        # The admin listener Consul's bootstrap always has (there on
+        # 19000); here on a free loopback port, read for TLS statistics.
+        (admin,) = free_ports(1)
+        extra["admin"] = admin
+        c = ctx.certs
+        cfg = render(f"envoy-{hop}.yaml", conf.with_suffix(".yaml"), listen=listen,
+                     upstream=upstream, certs=certs, admin=admin,
+                     maxconn=max(1024, (ctx.nofile - 100) // 2),
+                     client_regex=c["web_regex"].replace("\\", "\\\\"),
+                     sni=c["dns_name"], server_spiffe=c["api_spiffe"], dc=c["dc"])
+        # One worker per pinned CPU, like the other peers' one worker. No
+        # hot restart, so no shared memory region and no base id to collide
+        # between the two hops (each still gets its own, --base-id, should
+        # a build ignore the flag).
+        return [str(ENVOY), "-c", str(cfg), "--concurrency", str(len({PROXY_CPU})),
+                "--disable-hot-restart", "--base-id", str(extra["base_id"]),
+                "--log-level", "warn"]
+    if peer == RELAY:
+        cfg = render("haproxy-relay.cfg", conf.with_suffix(".cfg"), listen=listen,
+                     upstream=upstream, maxconn=(ctx.nofile - 100) // 2)
+        return ["haproxy", "-db", "-f", str(cfg)]
     raise ValueError(peer)
 
 
 class Pair:
     """One running outbound + inbound pair of a peer."""
 
+    base_ids = iter(range(100, 1 << 20))  # Envoy: a distinct base id per process
+
     def __init__(self, peer: str, ctx: "Context", backend: int, tag: str):
         self.peer, self.ctx = peer, ctx
         self.p0, self.p1 = free_ports(2)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.extra = {hop: {"base_id": next(Pair.base_ids)} for hop in ("in", "out")}
         self.argv = {
-            "in": peer_argv(peer, "in", ctx, self.p1, backend, tag),
-            "out": peer_argv(peer, "out", ctx, self.p0, self.p1, tag),
+            "in": peer_argv(peer, "in", ctx, self.p1, backend, tag, self.extra["in"]),
+            "out": peer_argv(peer, "out", ctx, self.p0, self.p1, tag, self.extra["out"]),
         }
         try:
             for hop, port in (("in", self.p1), ("out", self.p0)):
@@ -578,7 +634,7 @@ class Pair:
         out = {}
         for hop, argv in self.argv.items():
             for arg in argv:
-                if arg.endswith((".cfg", ".conf")) and os.path.isfile(arg):
+                if arg.endswith((".cfg", ".conf", ".yaml")) and os.path.isfile(arg):
                     out[hop] = Path(arg).read_text()
         return out
 
@@ -685,6 +741,78 @@ def wrk(ctx: "Context", port: int, label: str, close: bool) -> dict:
     return r
 
 
+def redis_bench(ctx: "Context", port: int, label: str) -> dict:
+    """redis-benchmark, SET then GET, 20 clients, a fixed request count:
+    ops/s and latency of each, from its CSV output."""
+    argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(ctx.redis_n),
+            "-c", str(REDIS_CLIENTS), "-t", "get,set", "--csv"]
+    rc, out = ctx.procs.run(f"redis-{label}", argv, LOAD_CPU, timeout=REDIS_TIMEOUT)
+    r = {}
+    for m in re.finditer(r'^"(GET|SET)","([\d.]+)","([\d.]+)","[\d.]+","([\d.]+)",'
+                         r'"[\d.]+","([\d.]+)"', out, re.M):
+        test, rps, avg, p50, p99 = m.groups()
+        r[test.lower()] = {"rps": float(rps), "avg_ms": float(avg), "p50_ms": float(p50),
+                           "p99_ms": float(p99)}
+    if rc != 0 or set(r) != {"get", "set"}:
+        raise WorkloadError(f"redis-benchmark exit {rc}: {out[-300:]!r}")
+    return r
+
+
+def aes_speed(ctx: "Context") -> dict:
+    """AES-128-GCM throughput of one CPU of the proxies' kind (openssl speed
+    on the proxies' CPU, 16 KiB buffers, the TLS record size), encrypting and
+    decrypting. openssl speed divides by the CPU time it used, so these are
+    bytes per CPU second, the unit CPU per GB is the inverse of."""
+    out = {}
+    for mode in ("encrypt", "decrypt"):
+        argv = ["openssl", "speed", "-evp", "aes-128-gcm", "-bytes", "16384",
+                "-seconds", str(ctx.aes_seconds), "-mr"] + (["-decrypt"] if mode == "decrypt" else [])
+        def workload(argv=argv, mode=mode):
+            rc, text = ctx.procs.run(f"openssl-speed-{mode}", argv, PROXY_CPU,
+                                     timeout=ctx.aes_seconds * 3 + 20)
+            m = re.search(r"^\+F:\d+:AES-128-GCM:([\d.]+)", text, re.M)
+            if rc != 0 or not m:
+                raise WorkloadError(f"openssl speed exit {rc}: {text[-300:]!r}")
+            return float(m.group(1))
+        bps, meter = ctx.quiet.run([], workload, ctx.aes_seconds)
+        out[f"{mode}_bytes_per_cpu_s"] = bps
+        out[f"{mode}_foreign_cpu_pct"] = meter.foreign_pct
+        out[f"{mode}_command"] = shlex.join(argv)
+    out["s_per_gb"] = 1e9 / out["encrypt_bytes_per_cpu_s"] + 1e9 / out["decrypt_bytes_per_cpu_s"]
+    return out
+
+
+def envoy_stats(admin: int, filt: str = r"\.ssl\.") -> dict[str, int]:
+    """Counters of one Envoy from its admin listener (/stats, text form)."""
+    path = "/stats?filter=" + urllib.parse.quote(filt)
+    with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
+    out = {}
+    for line in body.splitlines():
+        name, _, value = line.rpartition(": ")
+        if name and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+def envoy_tls_summary(pair: "Pair") -> dict:
+    """What the Envoy hops negotiated between them and how often the
+    outbound hop resumed, from the outbound hop's cluster counters."""
+    st = envoy_stats(pair.extra["out"]["admin"])
+    def pick(part: str) -> list[str]:
+        return sorted(k.split(f".ssl.{part}.", 1)[1] for k, v in st.items()
+                      if k.startswith("cluster.") and f".ssl.{part}." in k and v > 0)
+    def total(suffix: str) -> int:
+        return sum(v for k, v in st.items() if k.startswith("cluster.") and k.endswith(suffix))
+    return {"versions": pick("versions"), "ciphers": pick("ciphers"), "curves": pick("curves"),
+            "handshakes": total(".ssl.handshake"), "resumed": total(".ssl.session_reused"),
+            "counters": st}
+
+
 def backend_accepts(port: int) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"GET /nginx_status HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
@@ -763,6 +891,11 @@ class Context:
         self.backend_proc: subprocess.Popen | None = None
         # One backend port per column: see start_backends.
         self.http_ports: dict[str, int] = {}
+        self.redis_n = args.redis_requests
+        self.redis_port = 0
+        self.redis_proc: subprocess.Popen | None = None
+        self.aes_seconds = 1 if args.quick else 3
+        self.aes: dict | None = None
 
     def start_backends(self, columns: list[str]):
         # Each column gets its own backend port. The new-connection workload
@@ -789,9 +922,24 @@ class Context:
             if http_get(port) != BODY:
                 raise StartError("backend nginx does not serve the 100-byte body")
         self.restart_iperf_server()
+        if self.redis_n:
+            self.start_redis()
+
+    def start_redis(self):
+        # The real-client workload's server: on the load CPU, loopback only,
+        # nothing persisted; stopped by PID with everything else.
+        (self.redis_port,) = free_ports(1)
+        rundir = self.work / "redis.d"
+        rundir.mkdir()
+        self.redis_proc = self.procs.start(
+            "backend-redis", ["redis-server", "--port", str(self.redis_port),
+                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                              "--daemonize", "no", "--dir", str(rundir),
+                              "--maxclients", "1000", "--loglevel", "warning"], LOAD_CPU)
+        wait_listening(self.redis_port, self.redis_proc, self.procs, "backend-redis")
 
     def backend_pids(self) -> list[int]:
-        procs = [p for p in (self.backend_proc, self.iperf_proc) if p]
+        procs = [p for p in (self.backend_proc, self.iperf_proc, self.redis_proc) if p]
         return [pid for p in procs for pid in process_tree(p.pid)]
 
     def restart_iperf_server(self):
@@ -899,6 +1047,84 @@ def measure_bulk(ctx: Context, res: dict, port: int, pair: Pair | None):
         m["rss_peak_total"] = max(m.get("rss_peak_total", 0), sampler.peak["total"] / 1024)
 
 
+def measure_redis(ctx: Context, res: dict, port: int, pair: Pair | None):
+    """redis-benchmark GET and SET through the chain (or straight to redis
+    for plain); the ratio to the direct connection is filled in at the end."""
+    m, err = res["metrics"], res["errors"]
+    pids = [p for ps in (pair.hops() if pair else {}).values() for p in ps]
+    try:
+        # Cost of a rerun: both tests at a few thousand ops/s at worst.
+        r, meter = ctx.quiet.run(pids, lambda: redis_bench(ctx, port, res["name"]),
+                                 max(1.0, ctx.redis_n / 5000))
+    except WorkloadError as e:
+        err["redis"] = str(e)
+        return
+    print(f"   redis  SET {r['set']['rps']:>10,.0f} ops/s  GET {r['get']['rps']:>10,.0f} ops/s  "
+          f"proxy CPU {meter.proxy:.2f} s", flush=True)
+    for op in ("get", "set"):
+        m[f"redis_{op}_ops"] = r[op]["rps"]
+        m[f"redis_{op}_p99_ms"] = r[op]["p99_ms"]
+    res["raw"]["redis"] = r | {"requests_each": ctx.redis_n, "clients": REDIS_CLIENTS,
+                               "proxy_cpu_s": meter.proxy, "foreign_cpu_pct": meter.foreign_pct,
+                               "foreign_cpu_raw_s": round(meter.foreign_raw_s, 3)}
+    m["foreign_cpu_pct"] = max(m.get("foreign_cpu_pct", 0.0), meter.foreign_pct)
+
+
+def measure_relay(ctx: Context, res: dict, live: list):
+    """Only what the CPU-per-GB floor needs: AES-128-GCM's cost on the
+    proxies' CPU, and the bytes through two plain relay hops."""
+    a = ctx.aes = res["raw"]["aes"] = aes_speed(ctx)
+    print(f"   aes    AES-128-GCM {a['encrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s encrypt, "
+          f"{a['decrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s decrypt per CPU second: "
+          f"{a['s_per_gb']:.3f} s per GB for one of each", flush=True)
+    pair = Pair(RELAY, ctx, ctx.iperf_port, "bulk")
+    live.append(pair)
+    res["commands"] = pair.commands()
+    res["configs"] = pair.configs()
+    measure_bulk(ctx, res, pair.p0, pair)
+
+
+def measure_peer(ctx: Context, res: dict, live: list):
+    """Pre-flight checks, then every workload through the peer's chain."""
+    name = res["name"]
+    pair = Pair(name, ctx, ctx.http_ports[name], "http")
+    live.append(pair)
+    res["commands"] = pair.commands()
+    res["configs"] = pair.configs()
+    try:
+        body = http_get(pair.p0)
+    except (OSError, WorkloadError) as e:
+        raise StartError(f"chain check: {e}") from e
+    if body != BODY:
+        raise StartError(f"chain check: got {len(body)} bytes, not the 100-byte body")
+    mtls = check_mtls(pair.p1, ctx.certs)
+    res["mtls"] = mtls
+    if not mtls["enforced"]:
+        raise StartError("inbound hop does not enforce mTLS: "
+                         f"no cert -> {mtls['no_cert']['outcome']}, "
+                         f"foreign CA -> {mtls['foreign_ca']['outcome']}, "
+                         f"good cert -> {mtls['with_cert']['outcome']}")
+    if name == "envoy":
+        # What the two Envoy hops negotiated with each other (the GET above).
+        t = envoy_tls_summary(pair)
+        res["hop_tls"] = short_tls('/'.join(t['versions']) or '?', '/'.join(t['ciphers']) or '?')
+    measure_http(ctx, res, pair.p0, pair)
+    if name == "envoy":
+        t = envoy_tls_summary(pair)
+        res["raw"]["envoy_tls_out"] = t
+        print(f"   tls    between the hops {res['hop_tls']} {'/'.join(t['curves'])}; "
+              f"outbound resumed {t['resumed']} of {t['handshakes']} handshakes", flush=True)
+    # Each further backend needs the inbound hop pointed at it: a fresh pair.
+    for backend, tag, measure in ((ctx.iperf_port, "bulk", measure_bulk),
+                                  (ctx.redis_port, "redis", measure_redis)):
+        if tag == "redis" and not ctx.redis_n:
+            continue
+        live.pop().stop()
+        pair = Pair(name, ctx, backend, tag)
+        live.append(pair)
+        measure(ctx, res, pair.p0, pair)
+
+
 def run_column(ctx: Context, name: str) -> dict:
     res = {"name": name, "status": "ok", "metrics": {}, "errors": {}, "raw": {},
            "commands": {}}
@@ -907,32 +1133,13 @@ def run_column(ctx: Context, name: str) -> dict:
     if name == "plain":
         measure_http(ctx, res, ctx.http_ports[name], None)
         measure_bulk(ctx, res, ctx.iperf_port, None)
+        if ctx.redis_n:
+            measure_redis(ctx, res, ctx.redis_port, None)
         res["wall_seconds"] = round(time.monotonic() - t0, 1)
         return res
-    pair = None
+    live: list[Pair] = []  # the pair running now, stopped whatever happens
     try:
-        pair = Pair(name, ctx, ctx.http_ports[name], "http")
-        res["commands"] = pair.commands()
-        res["configs"] = pair.configs()
-        try:
-            body = http_get(pair.p0)
-        except (OSError, WorkloadError) as e:
-            raise StartError(f"chain check: {e}") from e
-        if body != BODY:
-            raise StartError(f"chain check: got {len(body)} bytes, not the 100-byte body")
-        mtls = check_mtls(pair.p1, ctx.certs)
-        res["mtls"] = mtls
-        if not mtls["enforced"]:
-            raise StartError("inbound hop does not enforce mTLS: "
-                             f"no cert -> {mtls['no_cert']['outcome']}, "
-                             f"foreign CA -> {mtls['foreign_ca']['outcome']}, "
-                             f"good cert -> {mtls['with_cert']['outcome']}")
-        measure_http(ctx, res, pair.p0, pair)
-        pair.stop()
-        pair = None
-        # The bulk workloads need the inbound hop pointed at iperf3: a fresh pair.
-        pair = Pair(name, ctx, ctx.iperf_port, "bulk")
-        measure_bulk(ctx, res, pair.p0, pair)
+        (measure_relay if name == RELAY else measure_peer)(ctx, res, live)
     except StartError as e:
         res["status"] = f"failed: {e}"
         print(f"   {name} FAILED: {e}", flush=True)
@@ -940,7 +1147,7 @@ def run_column(ctx: Context, name: str) -> dict:
         res["status"] = f"failed: {type(e).__name__}: {e}"
         print(f"   {name} FAILED: {type(e).__name__}: {e}", flush=True)
     finally:
-        if pair:
+        for pair in live:
             pair.stop()
     for k, v in res["errors"].items():
         print(f"   {name} {k}: {v}", flush=True)
@@ -965,10 +1172,20 @@ ROWS = [
     ("nc_accepts_per_req", "new conn: backend accepts per request (1.00 = a new conn each)", None, "{:.2f}"),
     ("rr_errors", "req/resp errors (wrk)", None, "{:d}"),
     ("nc_errors", "new conn errors (wrk)", None, "{:d}"),
+    ("redis_get_ops", "redis-benchmark GET, 20 clients (ops/s, higher is better)", "higher", "{:,.0f}"),
+    ("redis_set_ops", "redis-benchmark SET, 20 clients (ops/s, higher is better)", "higher", "{:,.0f}"),
+    ("redis_get_vs_direct", "redis GET vs direct to redis (×, higher is better)", "higher", "{:.2f}"),
+    ("redis_set_vs_direct", "redis SET vs direct to redis (×, higher is better)", "higher", "{:.2f}"),
+    ("redis_get_p99_ms", "redis GET latency p99 (ms, lower is better)", "lower", "{:.3f}"),
+    ("redis_set_p99_ms", "redis SET latency p99 (ms, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_gb_1", "proxy CPU per GB, bulk 1 stream (s, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_gb_8", "proxy CPU per GB, bulk 8 streams (s, lower is better)", "lower", "{:.3f}"),
     ("cpu_per_1k_rr", "proxy CPU per 1,000 requests (s, lower is better)", "lower", "{:.4f}"),
     ("cpu_per_1k_nc", "proxy CPU per 1,000 new conns (s, lower is better)", "lower", "{:.3f}"),
+    ("cpu_floor_gb_1", "CPU per GB floor, 1 stream: relay + AES-128-GCM enc+dec (s)", None, "{:.3f}"),
+    ("cpu_floor_gb_8", "CPU per GB floor, 8 streams: relay + AES-128-GCM enc+dec (s)", None, "{:.3f}"),
+    ("cpu_floor_ratio_1", "proxy CPU per GB / floor, 1 stream (×, lower is better)", "lower", "{:.2f}"),
+    ("cpu_floor_ratio_8", "proxy CPU per GB / floor, 8 streams (×, lower is better)", "lower", "{:.2f}"),
     ("rss_idle_out", "idle RSS, outbound hop (MiB, lower is better)", "lower", "{:.1f}"),
     ("rss_idle_in", "idle RSS, inbound hop (MiB, lower is better)", "lower", "{:.1f}"),
     ("rss_idle_total", "idle RSS, both hops (MiB, lower is better)", "lower", "{:.1f}"),
@@ -990,44 +1207,316 @@ def fmt(value, spec: str) -> str:
     return spec.format(value)
 
 
-def ratio_cell(key: str, better: str | None, cols: dict) -> str:
-    if better is None or "ferry" not in cols:
-        return ""
-    f = cols["ferry"]["metrics"].get(key)
-    peers = {n: cols[n]["metrics"].get(key) for n in COMPETITORS if n in cols}
-    peers = {n: v for n, v in peers.items() if v is not None}
-    if f is None or not peers:
-        return "—"
-    pick = max if better == "higher" else min
-    best = pick(peers, key=peers.get)
-    if peers[best] == 0:
-        return "—"
-    return f"{f / peers[best]:.2f}× ({best})"
+def finish_metrics(cols: dict, aes: dict | None):
+    """Figures that need more than one column: the CPU-per-GB floor (the
+    relay's CPU per GB plus one AES-128-GCM encryption and one decryption
+    per byte) and each peer's CPU per GB against it; redis through each
+    chain against redis straight."""
+    relay = cols.get(RELAY, {}).get("metrics", {})
+    for streams in (1, 8):
+        r = relay.get(f"cpu_per_gb_{streams}")
+        if r is None or not aes:
+            continue
+        floor = relay[f"cpu_floor_gb_{streams}"] = r + aes["s_per_gb"]
+        for name, c in cols.items():
+            v = c["metrics"].get(f"cpu_per_gb_{streams}")
+            if name in PEERS and v is not None:
+                c["metrics"][f"cpu_floor_ratio_{streams}"] = v / floor
+    direct = cols.get("plain", {}).get("metrics", {})
+    for op in ("get", "set"):
+        d = direct.get(f"redis_{op}_ops")
+        for c in cols.values():
+            v = c["metrics"].get(f"redis_{op}_ops")
+            if d and v is not None:
+                c["metrics"][f"redis_{op}_vs_direct"] = v / d
 
 
-def table(cols: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["metric"] + list(cols) + ["ferry vs best peer"]
+def short_tls(version: str, cipher: str) -> str:
+    """'TLSv1.3', 'TLS_AES_128_GCM_SHA256' -> '1.3 AES_128_GCM_SHA256'."""
+    return f"{version.replace('TLSv', '')} {cipher.replace('TLS_', '')}"
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def compute_ratios(cols: dict) -> dict:
+    """Every comparable figure as a ratio: ferry's to the best peer's (Envoy
+    among them) and to Envoy's; and every column's to Envoy's."""
+    out = {"reference": REFERENCE, "ferry_vs_best": {}, VS_FERRY: {}, VS_ALL: {}}
+    ok = {n: c for n, c in cols.items() if c["status"] == "ok"}
+    ref = ok.get(REFERENCE, {}).get("metrics", {})
+    f = ok.get("ferry", {}).get("metrics", {})
+    for key, _label, better, _spec in ROWS:
+        if better is None:
+            continue
+        peers = {n: ok[n]["metrics"].get(key) for n in COMPETITORS if n in ok}
+        peers = {n: v for n, v in peers.items() if v is not None}
+        if f.get(key) is not None and peers:
+            best = (max if better == "higher" else min)(peers, key=peers.get)
+            r = _ratio(f[key], peers[best])
+            if r is not None:
+                out["ferry_vs_best"][key] = {"ratio": r, "peer": best}
+        r = _ratio(f.get(key), ref.get(key))
+        if r is not None:
+            out[VS_FERRY][key] = r
+        for name, c in ok.items():
+            if name == REFERENCE:
+                continue
+            r = _ratio(c["metrics"].get(key), ref.get(key))
+            if r is not None:
+                out[VS_ALL].setdefault(name, {})[key] = r
+    return out
+
+
+def table(cols: dict, ratios: dict) -> tuple[list[str], list[list[str]]]:
+    extra = [h for h, want in (("ferry vs best peer", "ferry" in cols),
+                               (f"ferry vs {REFERENCE}", "ferry" in cols and REFERENCE in cols))
+             if want]
+    header = ["metric"] + list(cols) + extra
+    pad = [""] * len(extra)
     # The full reason is printed under the table and kept in the JSON.
     rows = [["status"] + [("ok" if c["status"] == "ok" else "FAILED")
-                          for c in cols.values()] + [""]]
+                          for c in cols.values()] + pad]
     mtls_row = ["inbound refuses no-cert / foreign-CA client"]
     for name, c in cols.items():
         mt = c.get("mtls")
         mtls_row.append("—" if not mt else
                         f"{'yes' if mt['no_cert']['data'] == 0 else 'NO'} / "
                         f"{'yes' if mt['foreign_ca']['data'] == 0 else 'NO'}")
-    rows.append(mtls_row + [""])
+    rows.append(mtls_row + pad)
     tls_row = ["TLS to inbound hop (probe)"]
     for c in cols.values():
         w = (c.get("mtls") or {}).get("with_cert", {})
-        tls_row.append(f"{w['version']} {w['cipher']}" if "cipher" in w else "—")
-    rows.append(tls_row + [""])
+        tls_row.append(short_tls(w["version"], w["cipher"]) if "cipher" in w else "—")
+    rows.append(tls_row + pad)
+    if any("hop_tls" in c for c in cols.values()):
+        rows.append(["TLS between the hops (the peer's own counters)"]
+                    + [c.get("hop_tls", "—") for c in cols.values()] + pad)
     for key, label, better, spec in ROWS:
-        rows.append([label] + [fmt(c["metrics"].get(key), spec) for c in cols.values()]
-                    + [ratio_cell(key, better, cols)])
-    if "ferry" not in cols:
-        header, rows = header[:-1], [r[:-1] for r in rows]
+        cells = [label] + [fmt(c["metrics"].get(key), spec) for c in cols.values()]
+        if extra:
+            b = ratios["ferry_vs_best"].get(key)
+            cells.append("" if better is None else f"{b['ratio']:.2f}× ({b['peer']})" if b else "—")
+        if len(extra) == 2:
+            r = ratios[VS_FERRY].get(key)
+            cells.append("" if better is None else f"{r:.2f}×" if r is not None else "—")
+        if any(c != "—" for c in cells[1:1 + len(cols)]):
+            rows.append(cells)
     return header, rows
+
+
+def reference_table(cols: dict, ratios: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every column's comparable figures divided by Envoy's."""
+    names = [n for n in cols if n in ratios[VS_ALL]]
+    if not names:
+        return None
+    header = [f"value / {REFERENCE}'s"] + names
+    rows = []
+    for key, label, better, _spec in ROWS:
+        if better is None:
+            continue
+        cells = [ratios[VS_ALL][n].get(key) for n in names]
+        if any(v is not None for v in cells):
+            rows.append([label] + [fmt(v, "{:.2f}×") for v in cells])
+    return header, rows
+
+
+# (description, [(metric, op, threshold)], compared against): every ratio is
+# ferry's figure over Envoy's, except "floor", ferry's CPU per GB over the
+# floor (relay + AES-128-GCM).
+TARGETS = [
+    ("bulk throughput, 1 stream ≥ 1.25× Envoy", [("bulk1_gbps", ">=", 1.25)], "envoy"),
+    ("bulk throughput, 8 streams ≥ 1.25× Envoy", [("bulk8_gbps", ">=", 1.25)], "envoy"),
+    ("proxy CPU per GB ≤ 0.8× Envoy (1 and 8 streams)",
+     [("cpu_per_gb_1", "<=", 0.8), ("cpu_per_gb_8", "<=", 0.8)], "envoy"),
+    ("proxy CPU per GB within 1.2× the floor (1 and 8 streams)",
+     [("cpu_floor_ratio_1", "<=", 1.2), ("cpu_floor_ratio_8", "<=", 1.2)], "floor"),
+    ("req/s over 32 keep-alive conns ≥ 2× Envoy, p99 ≤ 0.5×",
+     [("rr_rps", ">=", 2.0), ("rr_p99_ms", "<=", 0.5)], "envoy"),
+    ("new connections/s ≥ 3× Envoy", [("nc_rps", ">=", 3.0)], "envoy"),
+    ("idle RSS per process ≤ 0.1× Envoy (each hop)",
+     [("rss_idle_out", "<=", 0.1), ("rss_idle_in", "<=", 0.1)], "envoy"),
+    ("RSS per held idle conn ≤ 0.5× Envoy (each hop)",
+     [("rss_per_conn_out", "<=", 0.5), ("rss_per_conn_in", "<=", 0.5)], "envoy"),
+]
+
+
+def evaluate_targets(cols: dict, ratios: dict) -> list[dict]:
+    out = []
+    f = cols.get("ferry", {}).get("metrics", {})
+    for desc, checks, against in TARGETS:
+        got = []
+        for key, op, limit in checks:
+            v = f.get(key) if against == "floor" else ratios[VS_FERRY].get(key)
+            ok = None if v is None else (v >= limit if op == ">=" else v <= limit)
+            got.append({"metric": key, "ratio": v, "op": op, "threshold": limit, "ok": ok})
+        result = ("not measured" if any(g["ok"] is None for g in got)
+                  else "met" if all(g["ok"] for g in got) else "missed")
+        out.append({"target": desc, "against": against, "checks": got, "result": result})
+    return out
+
+
+def targets_table(targets: list[dict]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for t in targets:
+        # Three decimals: 1.204 must not print as a missed 1.20.
+        figures = ", ".join(f"{g['metric']} {fmt(g['ratio'], '{:.3f}×')}" for g in t["checks"])
+        rows.append([t["target"], figures, t["result"] if t["result"] != "missed" else "MISSED"])
+    return ["target (ferry's figure / Envoy's, or / floor)", "ferry", "result"], rows
+
+
+# The chart: per workload, each peer's figure against Envoy's.
+CHART = [
+    ("bulk1_gbps", "bulk, 1 stream"),
+    ("bulk8_gbps", "bulk, 8 streams"),
+    ("rr_rps", "req/s, 32 keep-alive conns"),
+    ("rr_p99_ms", "req/resp latency p99"),
+    ("nc_rps", "new connections/s"),
+    ("redis_get_ops", "redis GET ops/s"),
+    ("redis_set_ops", "redis SET ops/s"),
+    ("cpu_per_gb_1", "CPU per GB, 1 stream"),
+    ("cpu_per_gb_8", "CPU per GB, 8 streams"),
+    ("cpu_per_1k_rr", "CPU per 1,000 requests"),
+    ("cpu_per_1k_nc", "CPU per 1,000 new conns"),
+    ("rss_idle_total", "idle RSS, both hops"),
+    ("rss_per_conn_total", "RSS per held idle conn"),
+]
+# ferry's target on the chart's scale (times better than Envoy).
+CHART_TARGETS = {"bulk1_gbps": 1.25, "bulk8_gbps": 1.25, "rr_rps": 2.0, "rr_p99_ms": 2.0,
+                 "nc_rps": 3.0, "cpu_per_gb_1": 1.25, "cpu_per_gb_8": 1.25,
+                 "rss_idle_total": 10.0, "rss_per_conn_total": 2.0}
+COLORS = {"haproxy": "#1b9e77", "nginx": "#7570b3", "stunnel": "#e7298a",
+          "envoy": "#666666", "ferry": "#d95f02"}
+
+
+def render_svg(doc: dict) -> str:
+    """A hand-written SVG of doc (the run's JSON): one group of bars per
+    workload, one bar per peer, showing how many times better than Envoy the
+    peer is: its figure / Envoy's where higher is better, Envoy's / its
+    figure where lower is better. Log scale; the centre line is Envoy."""
+    import html
+    import math
+    better = {r["key"]: r["better"] for r in doc["rows"]}
+    vs = doc["ratios"][VS_ALL]
+    peers = [p for p in PEERS if p in vs]
+    groups = []
+    for key, label in CHART:
+        bars = []
+        for peer in peers:
+            r = vs[peer].get(key)
+            if r:
+                bars.append((peer, r if better.get(key) == "higher" else 1 / r))
+        if bars:
+            groups.append((key, label, bars))
+    env = doc["environment"]
+    worst = max((c["metrics"].get("foreign_cpu_pct", 0) for c in doc["columns"].values()),
+                default=0)
+    noisy = worst > Quiet.THRESHOLD
+    values = [v for _, _, bars in groups for _, v in bars] + [1.0]
+    values += [CHART_TARGETS[k] for k, _, _ in groups if k in CHART_TARGETS]
+    # Whole powers of two, with about an octave beyond the extreme bars for
+    # their figures.
+    lo = 2.0 ** math.floor(math.log2(max(min(values), 1 / 64)) - 0.9)
+    hi = 2.0 ** math.ceil(math.log2(min(max(values), 64)) + 0.9)
+
+    left, plot_w, right, bar_h, gap = 200, 600, 70, 13, 12
+    top = 112
+    width = left + plot_w + right
+    height = top + sum(len(b) * bar_h + gap for _, _, b in groups) + 60
+
+    def x(v: float) -> float:
+        v = min(max(v, lo), hi)
+        return left + plot_w * (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" '
+           f'font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="20" font-size="15" font-weight="bold">ferry and its peers relative '
+           f'to {e(REFERENCE.capitalize())}: times better, per workload</text>',
+           f'<text x="10" y="38" fill="#333">Right of the centre line: better than '
+           f'{e(REFERENCE.capitalize())} by that factor, on a log scale. Higher-is-better '
+           f'figures: the peer\'s ÷ {e(REFERENCE.capitalize())}\'s;</text>',
+           f'<text x="10" y="52" fill="#333">lower-is-better ones (latency, CPU, memory): '
+           f'{e(REFERENCE.capitalize())}\'s ÷ the peer\'s. Dashed: ferry\'s target.</text>',
+           f'<text x="10" y="66" fill="#333">{e(env.get("date", ""))} · '
+           f'{e(env.get("command", ""))} · {env.get("duration_s", "?")} s per workload · '
+           f'proxies pinned to one CPU</text>']
+    if noisy:
+        out.append(f'<text x="10" y="82" fill="#b00000" font-weight="bold">Noisy run: other '
+                   f'tasks took up to {worst:.0f}% of a CPU during a workload; read as a '
+                   f'smoke test, not as figures.</text>')
+    # Legend.
+    lx = left
+    for peer in peers:
+        out.append(f'<rect x="{lx}" y="{top - 18}" width="10" height="10" '
+                   f'fill="{COLORS.get(peer, "#999")}"/>')
+        out.append(f'<text x="{lx + 14}" y="{top - 9}">{e(peer)}</text>')
+        lx += 14 + 8 * len(peer) + 16
+    out.append(f'<line x1="{lx}" y1="{top - 13}" x2="{lx + 14}" y2="{top - 13}" stroke="black" '
+               f'stroke-dasharray="3,2"/><text x="{lx + 18}" y="{top - 9}">ferry\'s target</text>')
+    lx += 18 + 90
+    out.append(f'<line x1="{lx + 5}" y1="{top - 19}" x2="{lx + 5}" y2="{top - 7}" stroke="black" '
+               f'stroke-width="1.5"/><text x="{lx + 12}" y="{top - 9}">'
+               f'{e(REFERENCE.capitalize())} = 1×</text>')
+    # Grid and axis.
+    y_end = height - 44
+    v = lo
+    while v <= hi * 1.0001:
+        gx = x(v)
+        label = f"{v:g}×" if v >= 1 else f"1/{1 / v:g}"
+        out.append(f'<line x1="{gx:.1f}" y1="{top}" x2="{gx:.1f}" y2="{y_end}" '
+                   f'stroke="{"#000" if v == 1 else "#ddd"}" stroke-width="{1.5 if v == 1 else 1}"/>')
+        out.append(f'<text x="{gx:.1f}" y="{y_end + 14}" text-anchor="middle">{label}</text>')
+        v *= 2
+    out.append(f'<text x="{x(1.0):.1f}" y="{y_end + 30}" text-anchor="middle" fill="#333">'
+               f'{e(REFERENCE.capitalize())} = 1×   ← worse · better →</text>')
+    y = top + 4
+    for key, label, bars in groups:
+        gh = len(bars) * bar_h
+        out.append(f'<text x="{left - 8}" y="{y + gh / 2 + 4:.1f}" text-anchor="end">'
+                   f'{e(label)}</text>')
+        for peer, v in bars:
+            x0, x1 = sorted((x(1.0), x(v)))
+            out.append(f'<rect x="{x0:.1f}" y="{y + 1}" width="{max(x1 - x0, 1):.1f}" '
+                       f'height="{bar_h - 2}" fill="{COLORS.get(peer, "#999")}">'
+                       f'<title>{e(peer)} {e(label)}: {v:.2f}× vs {e(REFERENCE)}</title></rect>')
+            tx, anchor = (x1 + 3, "start") if v >= 1 else (x0 - 3, "end")
+            if peer == "ferry" and key in CHART_TARGETS:
+                mx = x(CHART_TARGETS[key])
+                out.append(f'<line x1="{mx:.1f}" y1="{y - 1}" x2="{mx:.1f}" y2="{y + bar_h + 1}" '
+                           f'stroke="black" stroke-width="1.5" stroke-dasharray="3,2"/>')
+            # A white halo keeps the figure readable across a target mark.
+            out.append(f'<text x="{tx:.1f}" y="{y + bar_h - 3}" text-anchor="{anchor}" '
+                       f'font-size="9.5" stroke="white" stroke-width="3" paint-order="stroke">'
+                       f'{e(peer)} {v:.2f}×</text>')
+            y += bar_h
+        y += gap
+        out.append(f'<line x1="{left - 190}" y1="{y - gap / 2:.1f}" x2="{left + plot_w}" '
+                   f'y2="{y - gap / 2:.1f}" stroke="#eee"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def floor_summary(cols: dict, aes: dict | None) -> list[str]:
+    relay = cols.get(RELAY, {}).get("metrics", {})
+    out = []
+    for streams in (1, 8):
+        floor = relay.get(f"cpu_floor_gb_{streams}")
+        if floor is None:
+            continue
+        line = (f"{streams} stream{'s' if streams > 1 else ''}: relay "
+                f"{relay[f'cpu_per_gb_{streams}']:.3f} s/GB + AES-128-GCM {aes['s_per_gb']:.3f} "
+                f"s/GB (one encryption at {aes['encrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s, one "
+                f"decryption at {aes['decrypt_bytes_per_cpu_s'] / 1e9:.2f} GB/s per CPU "
+                f"second) = {floor:.3f} s/GB")
+        f = cols.get("ferry", {}).get("metrics", {}).get(f"cpu_floor_ratio_{streams}")
+        if f is not None:
+            line += f"; ferry {f:.2f}× the floor"
+        out.append(line)
+    return out
 
 
 def problems(cols: dict) -> list[str]:
@@ -1069,8 +1558,13 @@ def environment(args, nofile: int, hold_why: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     pkgs = {}
-    for p in ("haproxy", "nginx", "libnginx-mod-stream", "stunnel4", "iperf3", "wrk", "libssl3"):
+    for p in ("haproxy", "nginx", "libnginx-mod-stream", "stunnel4", "iperf3", "wrk",
+              "redis-server", "redis-tools", "libssl3"):
         pkgs[p] = cmd_out(["dpkg-query", "-W", "-f", "${Version}", p]) or "not installed"
+    # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    envoy = cmd_out([str(ENVOY), "--version"]) if ENVOY.exists() else ""
+    m = re.search(r"version: (\S+)", envoy)
+    pkgs["envoy"] = m.group(1) if m else "not installed"
     lock = (REPO / "Cargo.lock").read_text()
     rustls = re.search(r'name = "rustls"\nversion = "([^"]+)"', lock)
     return {
@@ -1089,30 +1583,52 @@ def environment(args, nofile: int, hold_why: str) -> dict:
         "hold_why": hold_why,
         "nofile_hard": nofile,
         "pinning": f"proxies on CPU {PROXY_CPU}; load generators and backends on CPU {LOAD_CPU}",
+        "envoy_binary": str(ENVOY),
+        "redis_requests": args.redis_requests,
     }
 
 
 NOTES = [
     "All peers: the same ferry-made certificates (EC P-256), TLS 1.3 only, mutual; "
     "inbound requires a client cert chaining to the dev CA, outbound presents web's "
-    "leaf and verifies the server chain. The peers cannot check SPIFFE URI SANs and "
-    "check the chain only; ferry also checks the SPIFFE identity on both sides and "
-    "the intentions on every inbound connection: it does strictly more work.",
+    "leaf and verifies the server chain. haproxy, nginx and stunnel check the chain "
+    "only. Envoy is configured as Consul configures a sidecar (peers/envoy-*.yaml): "
+    "its outbound cluster sends Consul's SNI and matches api's SPIFFE URI, its "
+    "inbound RBAC filter allows web's SPIFFE ID by regex. ferry checks the SPIFFE "
+    "identity on both sides and the intentions on every inbound connection.",
     "nginx always checks the upstream certificate's host name, so its inbound hop "
     "presents a copy of api's leaf (same key, same CA) with an added DNS SAN.",
     "Client-side TLS session reuse as each peer does by default (nginx "
-    "proxy_ssl_session_reuse on). Per-connection logging off everywhere.",
+    "proxy_ssl_session_reuse on; Envoy keeps one session per cluster). "
+    "Per-connection logging off everywhere.",
     "One process per hop, one worker each (haproxy nbthread 1, nginx "
-    "worker_processes 1, stunnel's default threads, ferry sized by its CPU mask); "
-    "nginx RSS includes master + worker.",
+    "worker_processes 1, stunnel's default threads, Envoy --concurrency 1 "
+    "--disable-hot-restart, ferry sized by its CPU mask); nginx RSS includes "
+    "master + worker.",
+    "Envoy pinned to TLS 1.3 on both ends: Consul leaves the client side's versions "
+    "unset and Envoy's client default is TLS 1.2 at most, so a stock Consul sidecar "
+    "dials with TLS 1.2. Key exchange pinned to X25519 (newer Consul offers "
+    "X25519MLKEM768 first). Its circuit breakers are raised above the default 1,024 "
+    "connections for the held-connections test.",
     "CPU = utime+stime of both hops' processes (all threads) over the workload; "
     "RSS per held conn = (RSS with N held - RSS before) / N.",
-    "haproxy, nginx and stunnel use the system OpenSSL (libssl3 above); ferry uses "
-    "rustls with the ring provider. Key exchange is X25519 everywhere. The OpenSSL "
-    "peers negotiate TLS_AES_256_GCM_SHA384 between their hops (OpenSSL's default "
-    "order); ferry's hops negotiate TLS_AES_128_GCM_SHA256, the order ferry offers "
-    "as Go and BoringSSL (Consul's own proxy, Envoy) do. The probe row shows each "
-    "inbound hop's choice for a default OpenSSL client.",
+    "haproxy, nginx and stunnel use the system OpenSSL (libssl3 above); Envoy its "
+    "BoringSSL; ferry rustls with the ring provider. Key exchange is X25519 "
+    "everywhere. The OpenSSL peers negotiate TLS_AES_256_GCM_SHA384 between their "
+    "hops (OpenSSL's default order); Envoy's and ferry's hops negotiate "
+    "TLS_AES_128_GCM_SHA256 (BoringSSL's order, which ferry offers too). The probe "
+    "row shows each inbound hop's choice for a default OpenSSL client; Envoy's own "
+    "counters give what its two hops negotiated.",
+    "Floor for CPU per GB: the column 'relay' is two haproxy hops in TCP mode without "
+    "TLS, pinned like the peers; to its CPU per GB the floor adds one AES-128-GCM "
+    "encryption and one decryption per byte at the rate openssl speed (16 KiB "
+    "buffers, on the proxies' CPU, per CPU second) measured in the same run.",
+    "redis: redis-benchmark -c 20 -t get,set with a fixed request count through each "
+    "chain to one redis-server on the load CPU, and straight to it (plain); 'vs "
+    "direct' is the chain's ops/s over the direct connection's.",
+    "Ratios: 'ferry vs best peer' takes the best of haproxy, nginx, stunnel and "
+    "Envoy for each figure; 'ferry vs envoy' and the second table divide by Envoy's "
+    "figure. Targets are judged on those ratios.",
     "Last row: CPU time that tasks outside the benchmark (and hypervisor steal) took "
     "on the two benchmark CPUs during the worst workload of each column. Above 10% "
     "the machine was busy and that column's numbers are suspect.",
@@ -1132,7 +1648,15 @@ def main() -> int:
                          "(default: as many as the fd limit allows, at most 10000; "
                          "0 skips the test)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 s workloads, 500 held connections")
+                    help="smoke run: 1 s workloads, 500 held connections, 10,000 redis "
+                         "requests per test")
+    ap.add_argument("--redis-requests", type=int, default=None,
+                    help="requests per redis-benchmark test (GET, SET) through each chain "
+                         "(default 50000; 10000 with --quick; 0 skips redis)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the CPU-per-GB floor (plain relay + AES-128-GCM)")
+    ap.add_argument("--svg", metavar="JSON",
+                    help="only (re)draw the chart of an earlier run's JSON, next to it")
     ap.add_argument("--quiet-budget", type=float, default=None,
                     help="seconds the whole run may spend waiting for a busy machine to "
                          "quiet down and rerunning disturbed workloads (default 60; 10 "
@@ -1144,6 +1668,13 @@ def main() -> int:
                     help="keep the temporary directory (configs, logs) for debugging")
     args = ap.parse_args()
 
+    if args.svg:
+        src = Path(args.svg)
+        dest = src.with_suffix(".svg")
+        dest.write_text(render_svg(json.loads(src.read_text())))
+        print(f"wrote {dest}")
+        return 0
+
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     bad = [p for p in peers if p not in PEERS]
     if bad:
@@ -1152,6 +1683,8 @@ def main() -> int:
         args.duration = 1 if args.quick else 5
     if args.quiet_budget is None:
         args.quiet_budget = 10.0 if args.quick else 60.0
+    if args.redis_requests is None:
+        args.redis_requests = 10000 if args.quick else 50000
     if args.duration < 1:
         ap.error("--duration must be at least 1")
 
@@ -1186,7 +1719,10 @@ def main() -> int:
     # off the proxies' CPU.
     os.sched_setaffinity(0, {LOAD_CPU})
 
-    for tool in ("iperf3", "wrk", "nginx", "openssl", "taskset", "prlimit"):
+    tools = ["iperf3", "wrk", "nginx", "openssl", "taskset", "prlimit"]
+    tools += ["haproxy"] if not args.no_floor else []
+    tools += ["redis-server", "redis-benchmark"] if args.redis_requests else []
+    for tool in tools:
         if not shutil.which(tool):
             print(f"missing {tool}: run bench/compare.sh, which installs it", file=sys.stderr)
             return 2
@@ -1209,7 +1745,8 @@ def main() -> int:
     print(f"command  {env['command']}")
     print(f"workloads {args.duration}s each; held connections: {hold_why}", flush=True)
 
-    columns = ([] if args.no_plain else ["plain"]) + [p for p in PEERS if p in peers]
+    columns = (([] if args.no_plain else ["plain"]) + ([] if args.no_floor else [RELAY])
+               + [p for p in PEERS if p in peers])
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ferry-compare-"))
     ctx = Context(args, work, hard)
@@ -1236,11 +1773,24 @@ def main() -> int:
     env["wall_seconds"] = round(wall, 1)
     env["quiet_waited_s"] = ctx.quiet.waited
     env["reruns"] = ctx.quiet.reruns
-    header, rows = table(cols)
-    text = render_text(header, rows)
+    finish_metrics(cols, ctx.aes)
+    ratios = compute_ratios(cols)
+    targets = evaluate_targets(cols, ratios) if "ferry" in cols and REFERENCE in cols else []
+    header, rows = table(cols, ratios)
+    ref_table = reference_table(cols, ratios)
+    floor_lines = floor_summary(cols, ctx.aes)
     print()
-    print(text)
+    print(render_text(header, rows))
+    if ref_table:
+        print(f"\nEvery column relative to {REFERENCE} (its value / {REFERENCE}'s; "
+              "below 1 is better where lower is better):\n")
+        print(render_text(*ref_table))
+    if targets:
+        print()
+        print(render_text(*targets_table(targets)))
     print()
+    for line in floor_lines:
+        print("floor: " + line)
     for line in problems(cols):
         print("! " + line)
     for n in NOTES:
@@ -1257,11 +1807,12 @@ def main() -> int:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    jpath, mpath = results / f"compare-{stamp}.json", results / f"compare-{stamp}.md"
-    jpath.write_text(json.dumps({"environment": env, "notes": NOTES,
-                                 "rows": [{"key": k, "label": l, "better": b}
-                                          for k, l, b, _ in ROWS],
-                                 "columns": cols}, indent=2, default=str) + "\n")
+    jpath, mpath, spath = (results / f"compare-{stamp}.{ext}" for ext in ("json", "md", "svg"))
+    doc = {"environment": env, "notes": NOTES,
+           "rows": [{"key": k, "label": l, "better": b} for k, l, b, _ in ROWS],
+           "columns": cols, "floor": {"aes": ctx.aes, "summary": floor_lines},
+           "ratios": ratios, "targets": targets}
+    jpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     md = [f"# ferry vs peers, {env['date']}", "",
           f"- Kernel {env['kernel']}, {env['cpu_model']}, {env['cpus']} CPUs; {env['pinning']}.",
           "- Packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".",
@@ -1272,12 +1823,22 @@ def main() -> int:
           f"{ctx.quiet.reruns} disturbed workload(s) rerun).",
           f"- Held connections: {hold_why}.", "",
           render_md(header, rows), ""]
+    if ref_table:
+        md += [f"Every column relative to {REFERENCE} (its value / {REFERENCE}'s):", "",
+               render_md(*ref_table), ""]
+    if targets:
+        md += ["Targets:", "", render_md(*targets_table(targets)), ""]
+    md += [f"- Floor: {x}" for x in floor_lines]
     # Multi-line reasons (a peer's startup log) would break the list.
     md += [f"- Problem: {' / '.join(x.splitlines())}" for x in problems(cols)]
     md += [f"- {n}" for n in NOTES]
     mpath.write_text("\n".join(md) + "\n")
-    print(f"wrote {jpath.relative_to(REPO) if jpath.is_relative_to(REPO) else jpath}")
-    print(f"wrote {mpath.relative_to(REPO) if mpath.is_relative_to(REPO) else mpath}")
+    written = [jpath, mpath]
+    if ratios[VS_ALL]:
+        spath.write_text(render_svg(doc))
+        written.append(spath)
+    for path in written:
+        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0 if all(c["status"] == "ok" and not c["errors"] for c in cols.values()) else 1
 
 
