@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::certs::{Leaf, LeafSpec};
+use ferry::identity::dev_ca::{Leaf, LeafSpec};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -433,7 +433,7 @@ async fn intermediate_chains_work_both_ways() {
             .leaf(svc, "dc1", Duration::from_secs(3600))
             .expect("leaf");
         assert_eq!(leaf.cert_pem.matches("BEGIN CERTIFICATE").count(), 2);
-        ferry::certs::write_leaf(pki.dir(), svc, &leaf).expect("write leaf");
+        ferry::identity::dev_ca::write_leaf(pki.dir(), svc, &leaf).expect("write leaf");
     }
     let app = EchoServer::start().await;
     let mesh = Mixed::start(&pki, app.addr).await;
@@ -955,7 +955,7 @@ async fn ferry_rotates_under_envoy_connections() {
         .leaf("web", "dc1", Duration::from_secs(3600))
         .expect("leaf");
     agent.set_leaf("web", &old_web);
-    let new_ca = ferry::certs::DevCa::generate(&td).expect("new CA");
+    let new_ca = ferry::identity::dev_ca::DevCa::generate(&td).expect("new CA");
     let new_web = new_ca
         .leaf("web", "dc1", Duration::from_secs(3600))
         .expect("leaf");
@@ -1005,20 +1005,34 @@ async fn ferry_rotates_under_envoy_connections() {
         .await
         .expect("connect");
     echo_once(&mut to_ferry, b"api to web, before").await;
-    let old_serial = web.running.credentials().identity.serial.replace(':', "");
+    let old_serial = web
+        .running
+        .credentials()
+        .expect("certificates")
+        .identity
+        .serial
+        .replace(':', "");
     assert_eq!(old_serial, envoy_serial(&old_web));
 
     // The CA rotates: the new root is listed (the old one stays), then the
     // leaf is re-issued by it.
     agent.rotate(new_ca.cert_pem());
     eventually("ferry to trust both roots", || {
-        web.running.credentials().root_count() == 2
+        web.running
+            .credentials()
+            .is_some_and(|c| c.root_count() == 2)
     })
     .await;
     agent.set_leaf("web", &new_web);
     let new_serial = envoy_serial(&new_web);
     eventually("ferry to present the new leaf", || {
-        web.running.credentials().identity.serial.replace(':', "") == new_serial
+        web.running
+            .credentials()
+            .expect("certificates")
+            .identity
+            .serial
+            .replace(':', "")
+            == new_serial
     })
     .await;
 

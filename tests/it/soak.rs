@@ -21,8 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance, Intention};
 use crate::admission::{honest, Flood};
+use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance, Intention};
 use crate::support::*;
 
 fn env_count(name: &str, default: u64) -> u64 {
