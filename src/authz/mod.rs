@@ -1,8 +1,9 @@
 //! Policy: deciding whether a verified peer may reach our service.
 //!
-//! Two kinds of source behind one [`Authorizer`]: static intentions
-//! ([`intentions`], standalone mode) and a remote [`Authority`] asked per
-//! connection (the agent's authorize API, in `control::agent::authorize`).
+//! Three kinds of source behind one [`Authorizer`]: static intentions
+//! ([`intentions`], standalone mode), a remote [`Authority`] asked per
+//! connection (the agent's authorize API, in `control::agent::authorize`),
+//! and RBAC filters a control plane pushes as a snapshot ([`rbac`], xDS).
 //! The data plane sees only this module: it never learns which control
 //! plane answered.
 //!
@@ -14,10 +15,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::identity::PeerIdentity;
+use crate::snapshot::Receiver;
 
 pub mod intentions;
+pub mod rbac;
 
 pub use intentions::{Action, IntentionError, Intentions};
+pub use rbac::RbacChain;
 
 /// A decision and the reason, for the connection log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +60,8 @@ pub enum Authorizer {
     Static(Intentions),
     /// A remote authority (the local agent).
     Remote(Arc<dyn Authority>),
+    /// RBAC filters pushed by a control plane (xDS), latest snapshot.
+    Rbac(Receiver<RbacChain>),
 }
 
 impl Authorizer {
@@ -64,6 +70,13 @@ impl Authorizer {
         match self {
             Authorizer::Static(i) => Ok(i.decide(&peer.id)),
             Authorizer::Remote(a) => a.decide(peer).await,
+            Authorizer::Rbac(rx) => match rx.latest() {
+                Some(chain) => Ok(chain.decide(peer)),
+                None => Err(AuthzError {
+                    authority: "control plane",
+                    why: "no RBAC policy received yet".into(),
+                }),
+            },
         }
     }
 }

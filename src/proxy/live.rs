@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::authz::Decision;
 use crate::identity::PeerIdentity;
 
 /// The authorized inbound connections that are open now.
@@ -104,5 +105,49 @@ impl LiveConns {
             n += 1;
         }
         n
+    }
+
+    /// Closes every live connection whose source `decide` now denies (a
+    /// new policy snapshot); returns how many. Sources are asked once each.
+    pub fn close_denied(&self, decide: impl Fn(&PeerIdentity) -> Decision) -> usize {
+        let mut closed = 0;
+        for peer in self.sources() {
+            let d = decide(&peer);
+            if !d.allowed {
+                closed += self.close_from(&peer.id.to_string(), &d.reason);
+            }
+        }
+        closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+
+    #[test]
+    fn a_new_policy_closes_exactly_the_sources_it_denies() {
+        let live = Arc::new(LiveConns::default());
+        let peer = |svc: &str| PeerIdentity {
+            id: SpiffeId::service("td.consul", "dc1", svc),
+            serial: "01".into(),
+        };
+        let web = live.register(peer("web"), CancellationToken::new());
+        let billing1 = live.register(peer("billing"), CancellationToken::new());
+        let billing2 = live.register(peer("billing"), CancellationToken::new());
+        let closed = live.close_denied(|p| Decision {
+            allowed: p.id.service != "billing",
+            reason: "RBAC policy deny-billing (deny)".into(),
+        });
+        assert_eq!(closed, 2);
+        assert!(billing1.close.is_cancelled() && billing2.close.is_cancelled());
+        assert!(!web.close.is_cancelled());
+        assert_eq!(
+            billing1.revoked(),
+            Some("intention revoked: RBAC policy deny-billing (deny)")
+        );
+        drop((billing1, billing2));
+        assert_eq!(live.len(), 1, "closed connections leave the table");
     }
 }
