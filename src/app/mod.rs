@@ -360,6 +360,8 @@ mod tests {
             bind: "127.0.0.1:9191".parse().unwrap(),
             discovery: Discovery::Service { datacenter: None },
             deadline: None,
+            max_conns: None,
+            ejection: None,
         };
         apply_registration(
             &mut config,

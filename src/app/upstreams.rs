@@ -112,7 +112,8 @@ impl UpstreamSet {
         let s = &self.settings;
         let addr = listener.local_addr().unwrap_or(u.bind);
         let m = s.metrics.upstream(&u.name);
-        let balancer = Arc::new(Balancer::new(s.ejection).with_gauge(m.instances.clone()));
+        let ejection = u.ejection.unwrap_or(s.ejection);
+        let balancer = Arc::new(Balancer::new(ejection).with_gauge(m.instances.clone()));
         let discovery = self.me.get().map(|me| self.discover(me, &u, &balancer));
         let mut timeouts = s.timeouts;
         if let Some(d) = u.deadline {
@@ -126,7 +127,7 @@ impl UpstreamSet {
             timeouts,
             timers: s.timers,
             conn_limit: Limit::new(
-                s.max_conns,
+                u.max_conns.unwrap_or(s.max_conns),
                 "-max-upstream-conns",
                 &u.name,
                 s.metrics.refusals(&u.name, "max_upstream_conns"),
@@ -361,6 +362,8 @@ mod tests {
                         bind: "127.0.0.1:9191".parse().unwrap(),
                         discovery: Discovery::Service { datacenter: None },
                         deadline: None,
+                        max_conns: None,
+                        ejection: None,
                     }],
                     ..base.clone()
                 },

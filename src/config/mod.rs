@@ -128,6 +128,14 @@ pub struct UpstreamConfig {
     /// This upstream's own bound on finding a working instance (a
     /// registration's `connect_timeout_ms`); `None`: the global one.
     pub deadline: Option<Duration>,
+    /// This upstream's own cap on open connections (a registration's
+    /// `limits.max_connections`, xDS `circuit_breakers`); `None`: the
+    /// global `-max-upstream-conns`.
+    pub max_conns: Option<usize>,
+    /// This upstream's own passive ejection (a registration's
+    /// `passive_health_check`, xDS `outlier_detection`); `None`: the global
+    /// `-eject-after`/`-eject-for`.
+    pub ejection: Option<EjectionPolicy>,
 }
 
 /// Where our certificates come from.
@@ -484,6 +492,8 @@ fn upstreams(
             bind,
             discovery,
             deadline: None,
+            max_conns: None,
+            ejection: None,
         });
     }
     Ok(upstreams)

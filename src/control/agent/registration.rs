@@ -169,6 +169,8 @@ pub fn derive(svc: &AgentService) -> Result<ListenerSet, String> {
             bind: SocketAddr::new(ip, u.local_bind_port),
             discovery,
             deadline: millis(u.config.get("connect_timeout_ms")),
+            max_conns: None,
+            ejection: None,
         });
     }
     Ok(ListenerSet {
