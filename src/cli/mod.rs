@@ -243,9 +243,10 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "128", value_name = "N")]
     pub max_handshakes: usize,
 
-    /// Share of -max-handshakes one source address may hold (0: no cap);
-    /// past it, that address's own least promising handshake makes room.
-    /// Default 32, a quarter of the default budget.
+    /// Share of -max-handshakes one source address may hold (0: none): when
+    /// the budget is full, among handshakes that made the same progress, an
+    /// address over its share gives first. Default 32, a quarter of the
+    /// default budget.
     #[arg(long, default_value = "32", value_name = "N")]
     pub max_handshakes_per_source: usize,
 

@@ -18,11 +18,12 @@
 //!
 //! An honest client has sent a complete ClientHello within one round trip
 //! of connecting, so it is evicted only after every silent and partial
-//! connection, and then only after `budget` newer arrivals. When the budget
-//! is full, an address holding more than its share (`per_source`) gives
-//! first, from its own worst handshake, so one address cannot keep the
-//! budget from others; while there is room, a burst from one address (an
-//! app opening many connections through its sidecar) is not limited.
+//! connection, and then only after `budget` newer arrivals. Among pending
+//! handshakes that made the same progress, an address holding more than its
+//! share (`per_source`) gives first, so one address cannot keep the budget
+//! from others; a busy honest address (a sidecar opening many connections
+//! at once) is still never evicted ahead of silent or stalled junk, and
+//! while there is room nothing is limited at all.
 //! While the budget is under pressure (three quarters full), a pending
 //! handshake older than [`PRESSURE_DEADLINE`] is closed too. Established
 //! connections have their own budget (`-max-conns`) and are never closed
@@ -77,7 +78,8 @@ impl Progress {
 pub enum Eviction {
     /// The budget was full.
     Budget,
-    /// The budget was full and its source address held more than its share.
+    /// The budget was full, and among the least advanced its source address
+    /// held more than its share.
     Source,
     /// Older than [`PRESSURE_DEADLINE`] while the budget was under pressure.
     Slow,
@@ -171,16 +173,28 @@ impl Admission {
         let mut st = self.lock();
         if self.budget > 0 {
             if st.entries.len() >= self.budget {
-                // Full: an address over its share gives first, from its own
-                // worst handshake; otherwise the worst of all.
+                // Full: the least progress gives first; among equals, an
+                // address over its share, then the oldest.
                 let over = |e: &Entry| {
                     self.per_source > 0
                         && st.by_source.get(&e.source).copied().unwrap_or(0) > self.per_source
                 };
-                let victim = match worst(&st, over) {
-                    Some(id) => Some((id, Eviction::Source)),
-                    None => worst(&st, |_| true).map(|id| (id, Eviction::Budget)),
-                };
+                let victim = st
+                    .entries
+                    .iter()
+                    .min_by_key(|(id, e)| {
+                        (e.progress.load(Ordering::Relaxed), !over(e), e.since, **id)
+                    })
+                    .map(|(id, e)| {
+                        (
+                            *id,
+                            if over(e) {
+                                Eviction::Source
+                            } else {
+                                Eviction::Budget
+                            },
+                        )
+                    });
                 if let Some((id, why)) = victim {
                     self.evict(&mut st, id, why);
                     evicted += 1;
@@ -258,15 +272,6 @@ impl Admission {
     pub fn held(&self) -> usize {
         self.lock().entries.len()
     }
-}
-
-/// The entry to evict among those `eligible`: least progress, then oldest.
-fn worst(st: &State, eligible: impl Fn(&Entry) -> bool) -> Option<u64> {
-    st.entries
-        .iter()
-        .filter(|(_, e)| eligible(e))
-        .min_by_key(|(id, e)| (e.progress.load(Ordering::Relaxed), e.since, **id))
-        .map(|(id, _)| *id)
 }
 
 fn remove(st: &mut State, id: u64) -> Option<Entry> {
@@ -375,6 +380,20 @@ mod tests {
         assert!(!newcomer.evict.is_cancelled());
         assert_eq!(m.evictions("inbound", "source").get(), 1);
         assert_eq!(m.evictions("inbound", "budget").get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_honest_address_is_not_evicted_ahead_of_junk() {
+        let (a, _) = admission(3, 1);
+        let busy: Vec<Pending> = (0..2).map(|_| a.admit(ip(1))).collect();
+        busy.iter().for_each(|p| p.advance(Progress::Hello));
+        let junk = a.admit(ip(7));
+        let _newcomer = a.admit(ip(8));
+        assert!(
+            junk.evict.is_cancelled(),
+            "the silent one gives, though within its share"
+        );
+        assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
     }
 
     #[tokio::test(start_paused = true)]
