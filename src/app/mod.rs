@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::config::agent::ProxyIdentity;
-use crate::config::{AuthzSource, CertSource, Config, InboundConfig};
+use crate::config::{AuthzSource, BindAddr, CertSource, Config, InboundConfig};
 use crate::control::agent::register::{self, Registration};
 use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
 use crate::control::{ListenerSet, Publisher, Receiver};
@@ -26,6 +26,7 @@ use crate::identity::tls::Credentials;
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
 use crate::proxy::balancer::InstanceState;
+use crate::proxy::net::Listener;
 use crate::proxy::splice::Timers;
 
 mod inbound;
@@ -44,6 +45,12 @@ pub enum StartError {
     Bind {
         what: String,
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    BindLocal {
+        what: String,
+        addr: BindAddr,
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -247,6 +254,9 @@ fn apply_registration(config: &mut Config, set: &ListenerSet) {
     if let Some(t) = set.handshake_timeout {
         config.timeouts.handshake = t;
     }
+    if let Some(n) = set.max_inbound_conns {
+        config.limits.conns = n;
+    }
 }
 
 /// Phase 3: the credentials channel: filled at once from files, or by the
@@ -291,6 +301,15 @@ fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
+/// Binds a local listener (TCP or a Unix socket) for `what`.
+fn bind_local(what: &str, addr: &BindAddr) -> Result<Listener, StartError> {
+    Listener::bind(addr).map_err(|source| StartError::BindLocal {
+        what: what.to_string(),
+        addr: addr.clone(),
+        source,
+    })
+}
+
 fn timers(config: &Config) -> Timers {
     Timers {
         idle: config.idle_timeout,
@@ -299,9 +318,14 @@ fn timers(config: &Config) -> Timers {
 }
 
 impl Running {
-    /// The bound address of upstream `name`.
+    /// The bound address of upstream `name`, when it listens on TCP.
     pub fn upstream(&self, name: &str) -> Option<SocketAddr> {
         self.upstreams.addr(name)
+    }
+
+    /// The socket file of upstream `name`, when it listens on a Unix socket.
+    pub fn upstream_socket(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.upstreams.socket(name)
     }
 
     /// The names of the upstreams being served.
@@ -357,7 +381,7 @@ mod tests {
         let before = config.timeouts;
         let db = UpstreamConfig {
             name: "db".into(),
-            bind: "127.0.0.1:9191".parse().unwrap(),
+            bind: BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()),
             discovery: Discovery::Service { datacenter: None },
             deadline: None,
             max_conns: None,
@@ -371,6 +395,7 @@ mod tests {
                 service_addr: "127.0.0.1:8080".into(),
                 local_connect_timeout: None,
                 handshake_timeout: Some(Duration::from_secs(3)),
+                max_inbound_conns: Some(7),
                 upstreams: vec![db.clone()],
             },
         );
@@ -385,6 +410,10 @@ mod tests {
         assert_eq!(config.upstreams, [db]);
         assert_eq!(config.timeouts.handshake, Duration::from_secs(3));
         assert_eq!(
+            config.limits.conns, 7,
+            "max_inbound_connections caps -max-conns"
+        );
+        assert_eq!(
             config.timeouts.local_connect, before.local_connect,
             "unset: flag value kept"
         );
@@ -398,6 +427,7 @@ mod tests {
                 service_addr: String::new(),
                 local_connect_timeout: None,
                 handshake_timeout: None,
+                max_inbound_conns: None,
                 upstreams: Vec::new(),
             },
         );

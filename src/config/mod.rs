@@ -19,6 +19,7 @@ use crate::authz::{IntentionError, Intentions};
 use crate::cli::{DestinationType, ProxyArgs};
 use crate::identity::tls::{Credentials, PemBundle, TlsError};
 use crate::proxy::balancer::EjectionPolicy;
+pub use crate::proxy::net::{BindAddr, UnixBind};
 pub use crate::proxy::Timeouts;
 
 pub mod agent;
@@ -62,7 +63,7 @@ pub enum ConfigError {
     DuplicateBind {
         name: String,
         other: String,
-        addr: SocketAddr,
+        addr: String,
     },
     #[error("{flag}: {why}")]
     BadValue { flag: &'static str, why: String },
@@ -83,7 +84,8 @@ pub enum ConfigError {
 pub struct InboundConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The local app, `host:port`, dialed for each allowed connection.
+    /// The local app, `host:port` or `unix:/path`, dialed for each allowed
+    /// connection.
     pub service_addr: String,
     /// Who may connect.
     pub authz: AuthzSource,
@@ -121,8 +123,8 @@ pub struct UpstreamConfig {
     /// Destination service (or prepared query) name; instances must present
     /// this service's identity.
     pub name: String,
-    /// Local plaintext listener.
-    pub bind: SocketAddr,
+    /// Local plaintext listener: TCP, or a Unix socket.
+    pub bind: BindAddr,
     /// Where instances come from.
     pub discovery: Discovery,
     /// This upstream's own bound on finding a working instance (a
@@ -448,7 +450,10 @@ fn upstreams(
         if standalone && u.kind == DestinationType::PreparedQuery {
             return Err(ConfigError::QueryInStandalone(u.name.clone()));
         }
-        if by_name.insert(u.name.clone(), (u.bind, u.kind)).is_some() {
+        if by_name
+            .insert(u.name.clone(), (u.bind.clone(), u.kind))
+            .is_some()
+        {
             warnings.push(format!(
                 "-upstream {} given more than once; the last one wins",
                 u.name
@@ -467,16 +472,17 @@ fn upstreams(
     }
     let datacenter = args.agent.datacenter.clone().filter(|d| !d.is_empty());
     let mut upstreams = Vec::new();
-    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
+    let mut binds: Vec<(BindAddr, String)> = Vec::new();
     for (name, (bind, kind)) in by_name {
-        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
+        let port_zero = matches!(bind, BindAddr::Tcp(a) if a.port() == 0);
+        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && !port_zero) {
             return Err(ConfigError::DuplicateBind {
                 name,
                 other: other.clone(),
-                addr: bind,
+                addr: bind.to_string(),
             });
         }
-        binds.push((bind, name.clone()));
+        binds.push((bind.clone(), name.clone()));
         let discovery = match instances.remove(&name) {
             Some(list) => Discovery::Static(list),
             None if standalone => return Err(ConfigError::NoInstances(name)),
@@ -578,6 +584,16 @@ fn parse_addr(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn check_host_port(flag: &'static str, s: &str) -> Result<String, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.starts_with('/') {
+            return Ok(s.to_string());
+        }
+        return Err(ConfigError::BadAddr {
+            flag,
+            value: s.to_string(),
+            why: "expected unix:/ABSOLUTE/PATH".into(),
+        });
+    }
     let ok = s
         .rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
@@ -756,7 +772,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ups.len(), 1);
-        assert_eq!(ups[0].bind.port(), 9192, "the last -upstream db wins");
+        assert_eq!(
+            ups[0].bind,
+            BindAddr::Tcp("127.0.0.1:9192".parse().unwrap()),
+            "the last -upstream db wins"
+        );
         assert_eq!(
             ups[0].discovery,
             Discovery::Static(vec!["127.0.0.1:1".parse().unwrap()])

@@ -43,6 +43,9 @@ pub struct ListenerSet {
     pub local_connect_timeout: Option<Duration>,
     /// `handshake_timeout_ms`, if set.
     pub handshake_timeout: Option<Duration>,
+    /// `max_inbound_connections`: the public listener's cap on established
+    /// connections, if set (else `-max-conns`).
+    pub max_inbound_conns: Option<usize>,
     /// The upstreams, in registration order.
     pub upstreams: Vec<UpstreamConfig>,
 }

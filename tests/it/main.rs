@@ -27,6 +27,8 @@ mod cli;
 mod nomad_jobs;
 // Registration mode (-proxy-id, -sidecar-for) and -register against the fake agent.
 mod registration;
+mod registration_tuning;
+mod sockets;
 // ferry with a Consul agent: certificates, instances, intentions and agent trouble, against the fake agent.
 mod consul_mode;
 // Admin endpoints (/metrics, /ready, /live, /status), drain on shutdown and signals, access-log fields, TTL check vs leaf lifetime.

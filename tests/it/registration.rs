@@ -24,14 +24,14 @@ use tokio::time::Instant;
 use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance};
 use crate::support::*;
 
-fn addr(port: u16) -> SocketAddr {
+pub(crate) fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// `N` distinct ports where nothing listens now: all bound at once on
 /// 127.0.0.1:0 (so they differ), then released. See the module comment for
 /// the race.
-async fn free_ports<const N: usize>() -> [u16; N] {
+pub(crate) async fn free_ports<const N: usize>() -> [u16; N] {
     let mut held = Vec::new();
     for _ in 0..N {
         held.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
@@ -45,7 +45,7 @@ async fn free_ports<const N: usize>() -> [u16; N] {
 
 /// A `connect-proxy` registration for `service`'s sidecar `id`, public
 /// listener on `port`, local app on 127.0.0.1:`app_port`, no upstreams.
-fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
+pub(crate) fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
     json!({
         "Kind": "connect-proxy",
         "ID": id,
@@ -62,24 +62,24 @@ fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
 }
 
 /// One `Proxy.Upstreams[]` entry.
-fn upstream(name: &str, port: u16) -> Value {
+pub(crate) fn upstream(name: &str, port: u16) -> Value {
     json!({ "DestinationType": "service", "DestinationName": name, "LocalBindPort": port })
 }
 
 /// `registration` with `Proxy.Upstreams` set to `upstreams`.
-fn with_upstreams(mut registration: Value, upstreams: &[Value]) -> Value {
+pub(crate) fn with_upstreams(mut registration: Value, upstreams: &[Value]) -> Value {
     registration["Proxy"]["Upstreams"] = Value::Array(upstreams.to_vec());
     registration
 }
 
 /// ferry in registration mode, everything from the agent.
-async fn registration_mode(agent: &FakeAgent, flag: &str, id: &str) -> Ferry {
+pub(crate) async fn registration_mode(agent: &FakeAgent, flag: &str, id: &str) -> Ferry {
     Ferry::start(&[flag, id, "-http-addr", &agent.url()]).await
 }
 
 /// A standalone ferry for `web` with one upstream to `target` at `instance`:
 /// a mesh peer that checks the server presents `target`'s identity.
-async fn mesh_client(pki: &Pki, target: &str, instance: SocketAddr) -> Ferry {
+pub(crate) async fn mesh_client(pki: &Pki, target: &str, instance: SocketAddr) -> Ferry {
     pki.leaf("web");
     let up = format!("{target}:127.0.0.1:0");
     let inst = format!("{target}={instance}");
@@ -153,7 +153,7 @@ async fn echo_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
 /// Waits until ferry's upstream `name` knows `addr` as an instance: ferry
 /// binds upstream listeners before discovery has answered (see
 /// `early_upstream_connection_waits_for_the_first_discovery_answer`).
-async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr) {
+pub(crate) async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr) {
     eventually(&format!("{name} instances discovered"), || {
         ferry
             .running

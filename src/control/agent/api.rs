@@ -216,6 +216,8 @@ pub struct AgentUpstream {
     pub local_bind_address: String,
     pub local_bind_port: u16,
     pub local_bind_socket_path: String,
+    /// Octal file mode for the socket, e.g. `"0700"`.
+    pub local_bind_socket_mode: String,
     #[serde(deserialize_with = "null_as_default")]
     pub config: HashMap<String, Value>,
 }

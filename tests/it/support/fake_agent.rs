@@ -2307,6 +2307,7 @@ fn api_proxy(p: &Value) -> Value {
                 "LocalBindAddress": str_of(u, "LocalBindAddress"),
                 "LocalBindPort": u64_of(u, "LocalBindPort"),
                 "LocalBindSocketPath": str_of(u, "LocalBindSocketPath"),
+                "LocalBindSocketMode": str_of(u, "LocalBindSocketMode"),
                 "Config": field(u, "Config").cloned(),
                 "CentrallyConfigured": bool_of(u, "CentrallyConfigured"),
             }));

@@ -1,0 +1,199 @@
+//! Each upstream's `Config` in a proxy registration changes what ferry does
+//! for that upstream, at start and when the registration changes while
+//! ferry runs: `limits.max_connections` caps local connections,
+//! `passive_health_check` ejects failing instances, `connect_timeout_ms`
+//! bounds finding an instance. Both shapes the agent delivers are used:
+//! snake_case as registered, and Go field names with nanoseconds (merged
+//! from `service-defaults`).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::registration::{
+    addr, free_ports, registration_mode, sidecar, until_discovered, upstream, with_upstreams,
+};
+use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance};
+use crate::support::*;
+
+/// `upstream(name, port)` with `Config` set.
+fn tuned(name: &str, port: u16, config: Value) -> Value {
+    let mut u = upstream(name, port);
+    u["Config"] = config;
+    u
+}
+
+/// Whether ferry closes a new local connection at once (a refusal by the
+/// connection cap) rather than carrying it.
+async fn refused_at_once(port: u16) -> bool {
+    let mut s = TcpStream::connect(addr(port)).await.expect("connect");
+    let _ = s.write_all(b"x").await;
+    let mut buf = [0u8; 1];
+    matches!(
+        within("refused connection closes", s.read(&mut buf)).await,
+        Ok(0) | Err(_)
+    )
+}
+
+/// `limits.max_connections` = 1 (as registered): a second local
+/// connection while the first is open is closed at once, and the first
+/// keeps working. Changed live to `MaxConnections` = 2 (the merged shape),
+/// two connections are carried at once.
+#[tokio::test]
+async fn max_connections_caps_local_connections_and_applies_live() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let db = TlsEchoServer::start(&pki, &pki.leaf("db")).await;
+    agent.set_instances("db", vec![Instance::sidecar(db.addr)]);
+    let [port, db_port] = free_ports().await;
+    let base = sidecar("api-sidecar-proxy", "api", port, 9);
+    agent.register(with_upstreams(
+        base.clone(),
+        &[tuned(
+            "db",
+            db_port,
+            json!({"limits": {"max_connections": 1}}),
+        )],
+    ));
+    let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
+    until_discovered(&ferry, "db", db.addr).await;
+
+    let mut first = TcpStream::connect(addr(db_port)).await.expect("connect");
+    echo_once(&mut first, b"first").await;
+    assert!(
+        refused_at_once(db_port).await,
+        "a second connection over max_connections 1"
+    );
+    echo_once(&mut first, b"first still works").await;
+    drop(first);
+
+    agent.register(with_upstreams(
+        base,
+        &[tuned(
+            "db",
+            db_port,
+            json!({"limits": {"MaxConnections": 2}}),
+        )],
+    ));
+    // The changed upstream restarts with a fresh limit; two at once work.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if two_at_once(db_port).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "MaxConnections 2 never applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether two connections to `port` are carried at the same time (false
+/// also while the listener is restarting).
+async fn two_at_once(port: u16) -> bool {
+    let (Ok(mut a), Ok(mut b)) = (
+        TcpStream::connect(addr(port)).await,
+        TcpStream::connect(addr(port)).await,
+    ) else {
+        return false;
+    };
+    let mut got = [0u8; 1];
+    for s in [&mut a, &mut b] {
+        if s.write_all(b"x").await.is_err() {
+            return false;
+        }
+        if !matches!(within("echo", s.read(&mut got)).await, Ok(1)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `passive_health_check.max_failures` = 1 ejects an instance after one
+/// failed connection; without it the global `-eject-after` (3) applies and
+/// one failure does not eject. Applied live: the changed upstream starts
+/// again with fresh health and the new policy.
+#[tokio::test]
+async fn passive_health_check_max_failures_ejects_and_applies_live() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let dead = dead_addr().await;
+    agent.set_instances("db", vec![Instance::sidecar(dead)]);
+    let [port, db_port] = free_ports().await;
+    let base = sidecar("api-sidecar-proxy", "api", port, 9);
+    agent.register(with_upstreams(base.clone(), &[upstream("db", db_port)]));
+    let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
+    until_discovered(&ferry, "db", dead).await;
+
+    assert!(refused_at_once(db_port).await, "no instance to reach");
+    let state = &ferry.running.instances("db").expect("db")[0];
+    assert_eq!(state.consecutive_failures, 1);
+    assert!(
+        !state.ejected,
+        "the global -eject-after 3 applies: {state:?}"
+    );
+
+    // The merged shape: Go names, nanoseconds.
+    agent.register(with_upstreams(
+        base,
+        &[tuned(
+            "db",
+            db_port,
+            json!({"passive_health_check": {"Interval": 1_000_000_000u64, "MaxFailures": 1, "BaseEjectionTime": 60_000_000_000u64}}),
+        )],
+    ));
+    eventually("db restarted with fresh health", || {
+        ferry
+            .running
+            .instances("db")
+            .is_some_and(|l| l.len() == 1 && l[0].consecutive_failures == 0)
+    })
+    .await;
+    assert!(refused_at_once(db_port).await, "still no instance to reach");
+    let state = &ferry.running.instances("db").expect("db")[0];
+    assert!(
+        state.ejected,
+        "max_failures 1 ejects after one failure: {state:?}"
+    );
+}
+
+/// `connect_timeout_ms` bounds finding an instance: against an instance
+/// that accepts TCP and never answers the TLS handshake, a local
+/// connection is given up after about 300 ms, not the default 10 s.
+#[tokio::test]
+async fn connect_timeout_ms_bounds_the_attempt() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    agent.set_instances("db", vec![Instance::sidecar(silent_addr)]);
+    let [port, db_port] = free_ports().await;
+    agent.register(with_upstreams(
+        sidecar("api-sidecar-proxy", "api", port, 9),
+        &[tuned("db", db_port, json!({"connect_timeout_ms": "300"}))],
+    ));
+    let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
+    until_discovered(&ferry, "db", silent_addr).await;
+
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr(db_port)).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(r, Ok(Ok(0) | Err(_))),
+        "closed, not carried: {r:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "given up after {took:?}, wanted about 300 ms"
+    );
+    holder.abort();
+}
