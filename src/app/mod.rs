@@ -29,6 +29,7 @@ use crate::proxy::balancer::InstanceState;
 use crate::proxy::net::Listener;
 use crate::proxy::splice::Timers;
 
+mod expose;
 mod inbound;
 mod shutdown;
 mod status;
@@ -105,6 +106,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             let client = client.as_ref().ok_or(StartError::NoAgent)?;
             let (rx, first) = follow_registration(client, &identity, policy, &shutdown).await?;
             apply_registration(&mut config, &first);
+            serve_envoy_compat(&first, &admin, &shutdown)?;
             Some((rx, first))
         }
         None => None,
@@ -134,6 +136,9 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         None => None,
     };
     upstreams.bind_all(&config.upstreams)?;
+    if let Some((_, first)) = &listener_sets {
+        expose::serve_all(&first.expose, &metrics, &shutdown)?;
+    }
     let mut inbound_addr = None;
     if let Some((listener, i)) = inbound_listener {
         let wiring = Wiring {
@@ -209,6 +214,37 @@ fn serve_admin(
         shutdown.halt.clone(),
     ));
     Ok(Some(bound))
+}
+
+/// Registration mode: Envoy's `envoy_stats_bind_addr` (the admin
+/// endpoints) and `envoy_prometheus_bind_addr` (`/metrics`), served
+/// beside `-admin-addr` so that scrapers configured for Envoy find ferry.
+fn serve_envoy_compat(
+    set: &ListenerSet,
+    admin: &Arc<Admin>,
+    shutdown: &Shutdown,
+) -> Result<(), StartError> {
+    if let Some(addr) = set.stats_bind {
+        let listener = bind("envoy_stats_bind_addr", addr)?;
+        tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "admin endpoints on envoy_stats_bind_addr");
+        shutdown.control.spawn(admin::serve(
+            listener,
+            admin.clone(),
+            shutdown.control.clone(),
+            shutdown.halt.clone(),
+        ));
+    }
+    if let Some(addr) = set.metrics_bind {
+        let listener = bind("envoy_prometheus_bind_addr", addr)?;
+        tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "/metrics on envoy_prometheus_bind_addr");
+        shutdown.control.spawn(admin::serve_metrics(
+            listener,
+            admin.clone(),
+            shutdown.control.clone(),
+            shutdown.halt.clone(),
+        ));
+    }
+    Ok(())
 }
 
 /// Phase 2 (registration mode): follows the proxy's registration and waits
@@ -396,6 +432,9 @@ mod tests {
                 local_connect_timeout: None,
                 handshake_timeout: Some(Duration::from_secs(3)),
                 max_inbound_conns: Some(7),
+                expose: Vec::new(),
+                metrics_bind: None,
+                stats_bind: None,
                 upstreams: vec![db.clone()],
             },
         );
@@ -428,6 +467,9 @@ mod tests {
                 local_connect_timeout: None,
                 handshake_timeout: None,
                 max_inbound_conns: None,
+                expose: Vec::new(),
+                metrics_bind: None,
+                stats_bind: None,
                 upstreams: Vec::new(),
             },
         );

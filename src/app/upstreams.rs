@@ -275,7 +275,7 @@ impl UpstreamSet {
         while let Some(next) = sets.changed().await {
             if needs_restart(&current, &next) {
                 tracing::warn!(service = %next.service, listen = ?next.listen, service_addr = %next.service_addr,
-                    "the registration changed the identity, public listener (or its max_inbound_connections) or local app; restart ferry to apply (upstream changes apply live)");
+                    "the registration changed the identity, public listener (or its max_inbound_connections), local app, exposed paths or metrics/stats listeners; restart ferry to apply (upstream changes apply live)");
             }
             self.reconcile(&next.upstreams).await;
             current = next;
@@ -327,6 +327,9 @@ fn needs_restart(old: &ListenerSet, new: &ListenerSet) -> bool {
         || old.listen != new.listen
         || old.service_addr != new.service_addr
         || old.max_inbound_conns != new.max_inbound_conns
+        || old.expose != new.expose
+        || old.metrics_bind != new.metrics_bind
+        || old.stats_bind != new.stats_bind
 }
 
 /// The TLS server name for an instance: Consul's SNI for the service, or —
@@ -348,6 +351,9 @@ mod tests {
             local_connect_timeout: None,
             handshake_timeout: None,
             max_inbound_conns: None,
+            expose: Vec::new(),
+            metrics_bind: None,
+            stats_bind: None,
             upstreams: Vec::new(),
         }
     }

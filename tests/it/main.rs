@@ -26,6 +26,7 @@ mod cli;
 // The Nomad job examples in nomad-jobs/ start ferry with flags it accepts.
 mod nomad_jobs;
 // Registration mode (-proxy-id, -sidecar-for) and -register against the fake agent.
+mod expose;
 mod registration;
 mod registration_tuning;
 mod sockets;

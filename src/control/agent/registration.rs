@@ -33,14 +33,14 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::api::AgentService;
+use super::api::{AgentExpose, AgentService};
 use super::tuning;
 use super::watch::backoff;
 use super::WatchPolicy;
 use super::{AgentClient, AgentError};
 use crate::config::agent::ProxyIdentity;
 use crate::config::{BindAddr, Discovery, UnixBind, UpstreamConfig};
-use crate::control::{ListenerSet, Publisher};
+use crate::control::{ExposePath, ExposeProtocol, ListenerSet, Publisher};
 
 /// Finds the proxy ID for `-sidecar-for <service-id>`: the one local
 /// `connect-proxy` whose `Proxy.DestinationServiceID` equals it, compared
@@ -118,6 +118,49 @@ fn unix_bind(path: &str, mode: &str) -> Result<BindAddr, String> {
         path: path.into(),
         mode,
     }))
+}
+
+/// `Proxy.Expose.Paths`: each listens on the public listener's IP and its
+/// `ListenerPort`. An entry Consul would refuse (no listener or local port,
+/// a path not starting with `/`, a protocol other than `http`/`http2`) is
+/// noted and skipped. `Expose.Checks` is noted: the agent's HTTP API does
+/// not tell a proxy the exposed checks' paths (see the README).
+fn expose_paths(expose: &AgentExpose, ip: IpAddr, notes: &mut Vec<String>) -> Vec<ExposePath> {
+    if expose.checks {
+        notes.push("Proxy.Expose.Checks is not followed: the agent's HTTP API does not give a proxy the checks' URLs (their Definition is empty); list the paths in Proxy.Expose.Paths instead".into());
+    }
+    let mut out: Vec<ExposePath> = Vec::new();
+    for p in &expose.paths {
+        let protocol = match p.protocol.as_str() {
+            "" | "http" => ExposeProtocol::Http,
+            "http2" => ExposeProtocol::Http2,
+            other => {
+                notes.push(format!(
+                    "Proxy.Expose path {:?}: protocol {other:?} is not http or http2; skipped",
+                    p.path
+                ));
+                continue;
+            }
+        };
+        if p.listener_port == 0 || p.local_path_port == 0 || !p.path.starts_with('/') {
+            notes.push(format!(
+                "Proxy.Expose path {:?}: needs a Path starting with /, a ListenerPort and a LocalPathPort; skipped",
+                p.path
+            ));
+            continue;
+        }
+        let listen = SocketAddr::new(ip, p.listener_port);
+        if out.iter().any(|o| o.listen == listen && o.path == p.path) {
+            continue;
+        }
+        out.push(ExposePath {
+            listen,
+            path: p.path.clone(),
+            local_port: p.local_path_port,
+            protocol,
+        });
+    }
+    out
 }
 
 /// Derives what the proxy should do from its registration.
@@ -252,6 +295,22 @@ pub fn derive_noted(svc: &AgentService) -> Result<(ListenerSet, Vec<String>), St
     )
     .filter(|n| *n > 0)
     .map(|n| n as usize);
+    let expose = expose_paths(&proxy.expose, bind_ip, &mut notes);
+    let addr_key = |key: &str, notes: &mut Vec<String>| {
+        tuning::read(
+            cfg,
+            key,
+            "Proxy.Config",
+            |v| {
+                v.as_str()
+                    .and_then(|s| s.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| format!("{v} is not IP:PORT"))
+            },
+            notes,
+        )
+    };
+    let metrics_bind = addr_key("envoy_prometheus_bind_addr", &mut notes);
+    let stats_bind = addr_key("envoy_stats_bind_addr", &mut notes);
     let set = ListenerSet {
         service: proxy.destination_service_name.clone(),
         listen,
@@ -260,6 +319,9 @@ pub fn derive_noted(svc: &AgentService) -> Result<(ListenerSet, Vec<String>), St
         handshake_timeout,
         max_inbound_conns,
         upstreams,
+        expose,
+        metrics_bind,
+        stats_bind,
     };
     Ok((set, notes))
 }
@@ -469,6 +531,45 @@ mod tests {
         let s = svc(r#"{"Kind":"connect-proxy","ID":"p","Port":21000,
             "Proxy":{"DestinationServiceName":"web","LocalServiceSocketPath":"/run/web.sock"}}"#);
         assert_eq!(derive(&s).unwrap().service_addr, "unix:/run/web.sock");
+    }
+
+    #[test]
+    fn expose_paths_listen_on_the_public_ip_and_bad_ones_are_noted() {
+        let s = svc(r#"{"Kind":"connect-proxy","ID":"p","Port":21000,
+            "Proxy":{"DestinationServiceName":"api","LocalServicePort":8080,
+                     "Config":{"bind_address":"127.0.0.1","envoy_prometheus_bind_addr":"0.0.0.0:9102","envoy_stats_bind_addr":"nope"},
+                     "Expose":{"Checks":true,"Paths":[
+                       {"ListenerPort":21500,"Path":"/health","LocalPathPort":8080,"Protocol":"http"},
+                       {"ListenerPort":21501,"Path":"/grpc","LocalPathPort":8081,"Protocol":"http2"},
+                       {"ListenerPort":21502,"Path":"/tcp","LocalPathPort":8082,"Protocol":"tcp"},
+                       {"ListenerPort":0,"Path":"/noport","LocalPathPort":8083},
+                       {"ListenerPort":21504,"Path":"relative","LocalPathPort":8084}
+                     ]}}}"#);
+        let (c, notes) = derive_noted(&s).unwrap();
+        assert_eq!(
+            c.expose,
+            [
+                ExposePath {
+                    listen: "127.0.0.1:21500".parse().unwrap(),
+                    path: "/health".into(),
+                    local_port: 8080,
+                    protocol: ExposeProtocol::Http
+                },
+                ExposePath {
+                    listen: "127.0.0.1:21501".parse().unwrap(),
+                    path: "/grpc".into(),
+                    local_port: 8081,
+                    protocol: ExposeProtocol::Http2
+                },
+            ]
+        );
+        assert_eq!(c.metrics_bind, Some("0.0.0.0:9102".parse().unwrap()));
+        assert_eq!(c.stats_bind, None);
+        assert_eq!(
+            notes.len(),
+            5,
+            "Checks, three bad paths, a bad address: {notes:?}"
+        );
     }
 
     #[test]

@@ -103,9 +103,7 @@ pub fn millis(v: &Value) -> Result<Duration, String> {
 pub fn duration(v: &Value) -> Result<Duration, String> {
     match v {
         Value::Number(n) => match n.as_f64() {
-            Some(ns) if (0.0..1e18).contains(&ns) => {
-                Ok(Duration::from_nanos(ns as u64))
-            }
+            Some(ns) if (0.0..1e18).contains(&ns) => Ok(Duration::from_nanos(ns as u64)),
             _ => Err(format!("{v} is not a duration in nanoseconds")),
         },
         Value::String(s) => go_duration(s.trim())
