@@ -40,8 +40,9 @@ async fn refused_at_once(port: u16) -> bool {
 
 /// `limits.max_connections` = 1 (as registered): a second local
 /// connection while the first is open is closed at once, and the first
-/// keeps working. Changed live to `MaxConnections` = 2 (the merged shape),
-/// two connections are carried at once.
+/// keeps working. Changed live to `MaxConnections` = 2 from a
+/// `service-defaults` entry (the merged shape), two connections are
+/// carried at once.
 #[tokio::test]
 async fn max_connections_caps_local_connections_and_applies_live() {
     let pki = Pki::new();
@@ -70,44 +71,40 @@ async fn max_connections_caps_local_connections_and_applies_live() {
     echo_once(&mut first, b"first still works").await;
     drop(first);
 
-    agent.register(with_upstreams(
-        base,
-        &[tuned(
-            "db",
-            db_port,
-            json!({"limits": {"MaxConnections": 2}}),
-        )],
-    ));
-    // The changed upstream restarts with a fresh limit; two at once work.
+    // From a service-defaults entry, merged by the agent (Go names).
+    agent.register_with_service_defaults(
+        with_upstreams(base, &[upstream("db", db_port)]),
+        &[("db", json!({"Limits": {"MaxConnections": 2}}))],
+    );
+    // The changed upstream restarts with a fresh limit: two at once are
+    // carried, a third is refused.
+    // (Retried until it holds: a connection made just before the restart
+    // holds a slot of the old listener.)
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if two_at_once(db_port).await {
-            break;
+        if let (Some(_a), Some(_b)) = (carried(db_port).await, carried(db_port).await) {
+            if refused_at_once(db_port).await {
+                break;
+            }
         }
-        assert!(Instant::now() < deadline, "MaxConnections 2 never applied");
+        assert!(
+            Instant::now() < deadline,
+            "MaxConnections 2 never applied: not two carried and a third refused"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// Whether two connections to `port` are carried at the same time (false
-/// also while the listener is restarting).
-async fn two_at_once(port: u16) -> bool {
-    let (Ok(mut a), Ok(mut b)) = (
-        TcpStream::connect(addr(port)).await,
-        TcpStream::connect(addr(port)).await,
-    ) else {
-        return false;
-    };
+/// A connection to `port` that carries a byte both ways (None also while
+/// the listener is restarting).
+async fn carried(port: u16) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr(port)).await.ok()?;
+    s.write_all(b"x").await.ok()?;
     let mut got = [0u8; 1];
-    for s in [&mut a, &mut b] {
-        if s.write_all(b"x").await.is_err() {
-            return false;
-        }
-        if !matches!(within("echo", s.read(&mut got)).await, Ok(1)) {
-            return false;
-        }
+    match within("echo", s.read(&mut got)).await {
+        Ok(1) => Some(s),
+        _ => None,
     }
-    true
 }
 
 /// `passive_health_check.max_failures` = 1 ejects an instance after one
@@ -134,15 +131,15 @@ async fn passive_health_check_max_failures_ejects_and_applies_live() {
         "the global -eject-after 3 applies: {state:?}"
     );
 
-    // The merged shape: Go names, nanoseconds.
-    agent.register(with_upstreams(
-        base,
-        &[tuned(
+    // From a service-defaults entry: the agent merges it in with Go names
+    // and nanoseconds.
+    agent.register_with_service_defaults(
+        with_upstreams(base, &[upstream("db", db_port)]),
+        &[(
             "db",
-            db_port,
-            json!({"passive_health_check": {"Interval": 1_000_000_000u64, "MaxFailures": 1, "BaseEjectionTime": 60_000_000_000u64}}),
+            json!({"PassiveHealthCheck": {"Interval": "1s", "MaxFailures": 1, "BaseEjectionTime": "60s"}}),
         )],
-    ));
+    );
     eventually("db restarted with fresh health", || {
         ferry
             .running

@@ -2975,3 +2975,87 @@ pub async fn http_check(url: &str, timeout: Duration) -> Health {
         _ => Health::Critical,
     }
 }
+
+/// An upstream's settings from a `service-defaults` entry
+/// (`UpstreamConfig.Overrides[]`/`Defaults`, as `consul config write`
+/// takes them: `connect_timeout_ms`, `limits`, `passive_health_check`,
+/// durations as strings), in the shape the agent stores after
+/// `UpstreamConfig.MergeInto`: the top-level keys in snake_case, the
+/// structs under them with Go field names, durations as nanoseconds,
+/// unset fields left out.
+fn merged_upstream_config(entry: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    let ns = |v: &Value| match v {
+        Value::String(s) => go_duration(s).map(|d| json!(d.as_nanos() as u64)),
+        Value::Number(_) => Some(v.clone()),
+        _ => None,
+    };
+    if let Some(ms) = field(entry, "ConnectTimeoutMs").and_then(Value::as_u64) {
+        out.insert("connect_timeout_ms".into(), json!(ms));
+    }
+    if let Some(l) = field(entry, "Limits") {
+        let mut limits = Map::new();
+        for key in [
+            "MaxConnections",
+            "MaxPendingRequests",
+            "MaxConcurrentRequests",
+        ] {
+            if let Some(v) = field(l, key) {
+                limits.insert(key.into(), v.clone());
+            }
+        }
+        out.insert("limits".into(), Value::Object(limits));
+    }
+    if let Some(p) = field(entry, "PassiveHealthCheck") {
+        let mut phc = Map::new();
+        for key in [
+            "MaxFailures",
+            "EnforcingConsecutive5xx",
+            "MaxEjectionPercent",
+        ] {
+            if let Some(v) = field(p, key) {
+                phc.insert(key.into(), v.clone());
+            }
+        }
+        for key in ["Interval", "BaseEjectionTime"] {
+            if let Some(v) = field(p, key).and_then(ns) {
+                phc.insert(key.into(), v);
+            }
+        }
+        out.insert("passive_health_check".into(), Value::Object(phc));
+    }
+    out
+}
+
+impl FakeAgent {
+    /// Registers `registration` as the agent does when a `service-defaults`
+    /// entry configures some of its upstreams (`defaults`: upstream name,
+    /// that entry's settings for it): each such upstream's `Config` is the
+    /// merged entry overlaid with what the registration itself says (local
+    /// keys win), and it is marked `CentrallyConfigured`.
+    pub fn register_with_service_defaults(
+        &self,
+        mut registration: Value,
+        defaults: &[(&str, Value)],
+    ) {
+        let proxy = registration
+            .get_mut("Proxy")
+            .and_then(|p| p.get_mut("Upstreams"))
+            .and_then(Value::as_array_mut);
+        for u in proxy.into_iter().flatten() {
+            let name = str_of(u, "DestinationName");
+            let Some((_, entry)) = defaults.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            let mut config = merged_upstream_config(entry);
+            if let Some(Value::Object(local)) = u.get("Config") {
+                for (k, v) in local {
+                    config.insert(k.clone(), v.clone());
+                }
+            }
+            u["Config"] = Value::Object(config);
+            u["CentrallyConfigured"] = json!(true);
+        }
+        self.register(registration);
+    }
+}
