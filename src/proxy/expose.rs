@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -31,6 +31,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ops::metrics::Metrics;
+
+/// Runs the tasks hyper spawns for HTTP/2 (streams, connection drivers)
+/// on the listener's tracker, so they have an owner, and ends them at
+/// `stop` like everything else of the listener.
+#[derive(Clone)]
+struct Tracked(TaskTracker, CancellationToken);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: std::future::Future + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let stop = self.1.clone();
+        self.0.spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
 
 /// How the app is spoken to on an exposed path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +142,7 @@ impl Exposed {
         }
     }
 
-    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(&self, req: Request<Incoming>, exec: &Tracked) -> Response<Full<Bytes>> {
         let Some(route) = self.routes.iter().find(|r| r.path == req.uri().path()) else {
             self.metrics.exposed("other", 404);
             return text(StatusCode::NOT_FOUND, "not an exposed path\n");
@@ -141,8 +162,11 @@ impl Exposed {
             );
         };
         let limit = self.bounds.body_bytes;
-        let r = match tokio::time::timeout(self.bounds.response_timeout, forward(route, req, limit))
-            .await
+        let r = match tokio::time::timeout(
+            self.bounds.response_timeout,
+            forward(route, req, limit, exec),
+        )
+        .await
         {
             Ok(Ok(r)) => r,
             Ok(Err(why)) => {
@@ -199,6 +223,7 @@ async fn forward(
     route: &Route,
     req: Request<Incoming>,
     limit: usize,
+    exec: &Tracked,
 ) -> Result<Response<Full<Bytes>>, ForwardError> {
     let (parts, _body) = req.into_parts();
     let path_and_query = parts
@@ -248,7 +273,7 @@ async fn forward(
         }
         Protocol::Http2 => {
             let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                hyper::client::conn::http2::handshake(exec.clone(), io).await?;
             let send = async move {
                 let resp = sender.send_request(out).await?;
                 read_answer(resp, limit).await
@@ -303,6 +328,7 @@ pub async fn serve(
         };
         let ctx = ctx.clone();
         let stop = stop.clone();
+        let exec = Tracked(tracker.clone(), stop.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let b = ctx.bounds;
@@ -316,11 +342,13 @@ pub async fn serve(
             }
             let _ = stream.set_nodelay(true);
             let handler = ctx.clone();
+            let for_requests = exec.clone();
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.respond(req).await) }
+                let exec = for_requests.clone();
+                async move { Ok::<_, Infallible>(handler.respond(req, &exec).await) }
             });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(exec);
             builder
                 .http1()
                 .timer(TokioTimer::new())
