@@ -194,3 +194,36 @@ async fn connect_timeout_ms_bounds_the_attempt() {
     );
     holder.abort();
 }
+
+/// `Proxy.Config.max_inbound_connections` = 1 caps established inbound
+/// connections: while one mesh connection is open, a second is closed,
+/// and the first keeps working.
+#[tokio::test]
+async fn max_inbound_connections_caps_the_public_listener() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let app = EchoServer::start().await;
+    let [port] = free_ports().await;
+    let mut reg = sidecar("api-sidecar-proxy", "api", port, app.addr.port());
+    reg["Proxy"]["Config"] = json!({ "max_inbound_connections": "1" });
+    agent.register(reg);
+    let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
+    let web = crate::registration::mesh_client(&pki, "api", ferry.inbound()).await;
+
+    let mut first = TcpStream::connect(web.upstream("api"))
+        .await
+        .expect("connect");
+    echo_once(&mut first, b"first").await;
+    let mut second = TcpStream::connect(web.upstream("api"))
+        .await
+        .expect("connect");
+    let _ = second.write_all(b"x").await;
+    let mut buf = [0u8; 1];
+    let r = within("second closed", second.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "over max_inbound_connections: {r:?}"
+    );
+    echo_once(&mut first, b"first still works").await;
+    assert_eq!(app.counts.accepted(), 1, "the second never reached the app");
+}
