@@ -166,7 +166,12 @@ pub(crate) async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr
 /// Waits until the agent has received `n` GETs of the registration after
 /// `since` (taken after the change, so each of them saw it). ferry's reads
 /// are sequential, so with `n` = 2 it has handled the answer to the first.
-async fn registration_reads_after(agent: &FakeAgent, id: &str, since: Instant, n: usize) {
+pub(crate) async fn registration_reads_after(
+    agent: &FakeAgent,
+    id: &str,
+    since: Instant,
+    n: usize,
+) {
     let path = format!("/v1/agent/service/{id}");
     let deadline = Instant::now() + DEADLINE;
     loop {

@@ -227,3 +227,38 @@ async fn max_inbound_connections_caps_the_public_listener() {
     echo_once(&mut first, b"first still works").await;
     assert_eq!(app.counts.accepted(), 1, "the second never reached the app");
 }
+
+/// A malformed value is logged once per change of the registration, not
+/// on every read: the real binary follows a registration whose
+/// `local_connect_timeout_ms` is `"soon"`; an unrelated change (a tag) is
+/// read and logs nothing new; changing the value to `"later"` logs again.
+#[tokio::test]
+async fn a_malformed_value_is_logged_once_per_change() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let [port] = free_ports().await;
+    let with = |value: &str, tag: &str| {
+        let mut reg = sidecar("api-sidecar-proxy", "api", port, 9);
+        reg["Tags"] = json!([tag]);
+        reg["Proxy"]["Config"] = json!({ "local_connect_timeout_ms": value });
+        reg
+    };
+    agent.register(with("soon", "a"));
+    let url = agent.url();
+    let mut ferry = FerryProcess::start(&["-proxy-id", "api-sidecar-proxy", "-http-addr", &url]);
+    ferry.line(r#"local_connect_timeout_ms: "soon""#).await;
+
+    let since = Instant::now();
+    agent.register(with("soon", "b"));
+    // A read issued after the change: ferry handled the answer before it.
+    crate::registration::registration_reads_after(&agent, "api-sidecar-proxy", since, 1).await;
+    agent.register(with("later", "b"));
+    ferry.line(r#"local_connect_timeout_ms: "later""#).await;
+
+    let lines = ferry.stop();
+    let noted: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("local_connect_timeout_ms"))
+        .collect();
+    assert_eq!(noted.len(), 2, "once per change: {noted:#?}");
+}

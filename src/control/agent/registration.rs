@@ -285,7 +285,7 @@ pub fn derive_noted(svc: &AgentService) -> Result<(ListenerSet, Vec<String>), St
         tuning::millis,
         &mut notes,
     );
-    // Envoy's meaning: 0 or absent is no cap.
+    // 0 (Envoy: unset) or absent: -max-conns applies.
     let max_inbound_conns = tuning::read(
         cfg,
         "max_inbound_connections",
