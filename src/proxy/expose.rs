@@ -226,6 +226,7 @@ async fn forward(
     exec: &Tracked,
 ) -> Result<Response<Full<Bytes>>, ForwardError> {
     let (parts, _body) = req.into_parts();
+    let head = parts.method == Method::HEAD;
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -266,7 +267,7 @@ async fn forward(
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
             let send = async move {
                 let resp = sender.send_request(out).await?;
-                read_answer(resp, limit).await
+                read_answer(resp, limit, head).await
             };
             let (answer, _) = tokio::join!(send, conn);
             answer?
@@ -276,7 +277,7 @@ async fn forward(
                 hyper::client::conn::http2::handshake(exec.clone(), io).await?;
             let send = async move {
                 let resp = sender.send_request(out).await?;
-                read_answer(resp, limit).await
+                read_answer(resp, limit, head).await
             };
             let (answer, _) = tokio::join!(send, conn);
             answer?
@@ -291,6 +292,7 @@ async fn forward(
 async fn read_answer(
     resp: Response<Incoming>,
     limit: usize,
+    head: bool,
 ) -> Result<(StatusCode, HeaderMap, Bytes), ForwardError> {
     let (parts, body) = resp.into_parts();
     let body = Limited::new(body, limit)
@@ -302,8 +304,11 @@ async fn read_answer(
         })?
         .to_bytes();
     let mut headers = parts.headers;
-    // The body is relayed whole: its length is known again.
-    headers.remove(hyper::header::CONTENT_LENGTH);
+    // The body is relayed whole, so its length is set again from it; a
+    // HEAD answer keeps the app's (it describes a body never sent).
+    if !head {
+        headers.remove(hyper::header::CONTENT_LENGTH);
+    }
     Ok((parts.status, headers, body))
 }
 

@@ -143,8 +143,21 @@ async fn exposed_check_follows_the_app_and_nothing_else_reaches_it() {
     app.status.store(200, Ordering::SeqCst);
     assert_eq!(status_of(exposed, "GET", "/health?verbose=1").await, 200);
     assert_eq!(status_of(exposed, "HEAD", "/health").await, 200);
+    let mut head = TcpStream::connect(exposed).await.expect("connect");
+    head.write_all(b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    within("HEAD answer", head.read_to_end(&mut got))
+        .await
+        .expect("read");
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(
+        got.contains("content-length: 12\r\n"),
+        "HEAD keeps the app's length: {got:?}"
+    );
     let reached = app.seen().len();
-    assert_eq!(reached, 4);
+    assert_eq!(reached, 5);
     assert_eq!(app.seen()[2], "/health?verbose=1", "the query goes along");
 
     for p in [
@@ -168,7 +181,7 @@ async fn exposed_check_follows_the_app_and_nothing_else_reaches_it() {
 
     let text = ferry.metrics().render();
     assert!(
-        text.contains(r#"ferry_expose_requests_total{path="/health",code="200"} 3"#),
+        text.contains(r#"ferry_expose_requests_total{path="/health",code="200"} 4"#),
         "{text}"
     );
     assert!(
