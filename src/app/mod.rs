@@ -35,6 +35,7 @@ mod shutdown;
 mod status;
 mod upstreams;
 
+use expose::ExposeSet;
 use inbound::{register_self, SelfRegistration, Wiring};
 pub use shutdown::Shutdown;
 use upstreams::{Settings, UpstreamSet};
@@ -136,8 +137,9 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         None => None,
     };
     upstreams.bind_all(&config.upstreams)?;
+    let exposed = Arc::new(ExposeSet::new(metrics.clone(), shutdown.clone()));
     if let Some((_, first)) = &listener_sets {
-        expose::serve_all(&first.expose, &metrics, &shutdown)?;
+        exposed.bind_all(&first.expose)?;
     }
     let mut inbound_addr = None;
     if let Some((listener, i)) = inbound_listener {
@@ -180,7 +182,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         let set = upstreams.clone();
         shutdown
             .control
-            .spawn(async move { set.follow(rx, first).await });
+            .spawn(async move { set.follow(rx, first, &exposed).await });
     }
     Ok(Running {
         inbound: inbound_addr,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
+use super::expose::ExposeSet;
 use super::shutdown::Shutdown;
 use super::{bind_local, StartError};
 use crate::config::{BindAddr, Discovery, Timeouts, UpstreamConfig};
@@ -268,16 +269,22 @@ impl UpstreamSet {
         }
     }
 
-    /// Applies each new listener set until its publisher goes away. Only
-    /// the upstreams apply live; a change of identity, public listener or
-    /// local app is logged and needs a restart.
-    pub async fn follow(&self, mut sets: Receiver<ListenerSet>, mut current: Arc<ListenerSet>) {
+    /// Applies each new listener set until its publisher goes away. The
+    /// upstreams and the exposed paths apply live; a change of identity,
+    /// public listener or local app is logged and needs a restart.
+    pub(super) async fn follow(
+        &self,
+        mut sets: Receiver<ListenerSet>,
+        mut current: Arc<ListenerSet>,
+        exposed: &ExposeSet,
+    ) {
         while let Some(next) = sets.changed().await {
             if needs_restart(&current, &next) {
                 tracing::warn!(service = %next.service, listen = ?next.listen, service_addr = %next.service_addr,
-                    "the registration changed the identity, public listener (or its max_inbound_connections), local app, exposed paths or metrics/stats listeners; restart ferry to apply (upstream changes apply live)");
+                    "the registration changed the identity, public listener (or its max_inbound_connections), local app or metrics/stats listeners; restart ferry to apply (upstream and exposed path changes apply live)");
             }
             self.reconcile(&next.upstreams).await;
+            exposed.reconcile(&next.expose).await;
             current = next;
         }
     }
@@ -327,7 +334,6 @@ fn needs_restart(old: &ListenerSet, new: &ListenerSet) -> bool {
         || old.listen != new.listen
         || old.service_addr != new.service_addr
         || old.max_inbound_conns != new.max_inbound_conns
-        || old.expose != new.expose
         || old.metrics_bind != new.metrics_bind
         || old.stats_bind != new.stats_bind
 }

@@ -322,3 +322,64 @@ async fn envoy_metrics_and_stats_bind_addrs() {
     assert_eq!(codes["stats /ready"], 200);
     assert_eq!(codes["stats /metrics"], 200);
 }
+
+/// The answer's status on a fresh connection, or None when nothing
+/// answers (refused, closed).
+async fn maybe_status(to: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(to).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    within("answer", s.read_to_end(&mut got)).await.ok()?;
+    String::from_utf8_lossy(&got)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Exposed paths follow the registration while ferry runs: a listener
+/// whose path changes serves the new one only, a new listener starts, and
+/// one no longer listed stops.
+#[tokio::test]
+async fn exposed_paths_follow_the_registration_live() {
+    let pki = Pki::new();
+    let agent = FakeAgent::start(AgentOpts::for_pki(&pki)).await;
+    let app = App::start().await;
+    let [port, l1, l2] = free_ports().await;
+    let app_port = app.addr.port();
+    let path =
+        |p: &str, l: u16| json!({ "path": p, "local_path_port": app_port, "listener_port": l });
+    agent.register(exposing(port, app_port, json!([path("/health", l1)])));
+    let _ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
+    assert_eq!(maybe_status(addr(l1), "/health").await, Some(200));
+
+    agent.register(exposing(
+        port,
+        app_port,
+        json!([path("/ready", l1), path("/health", l2)]),
+    ));
+    let deadline = Instant::now() + DEADLINE;
+    while maybe_status(addr(l1), "/ready").await != Some(200) {
+        assert!(Instant::now() < deadline, "/ready never exposed on {l1}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        maybe_status(addr(l1), "/health").await,
+        Some(404),
+        "no longer exposed there"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while maybe_status(addr(l2), "/health").await != Some(200) {
+        assert!(Instant::now() < deadline, "/health never exposed on {l2}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    agent.register(exposing(port, app_port, json!([path("/ready", l1)])));
+    let deadline = Instant::now() + DEADLINE;
+    while TcpStream::connect(addr(l2)).await.is_ok() {
+        assert!(Instant::now() < deadline, "{l2} still listens");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(maybe_status(addr(l1), "/ready").await, Some(200));
+}
