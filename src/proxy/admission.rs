@@ -19,9 +19,9 @@
 //! An honest client has sent a complete ClientHello within one round trip
 //! of connecting, so it is evicted only after every silent and partial
 //! connection, and then only after `budget` newer arrivals. Among pending
-//! handshakes that made the same progress, an address holding more than its
-//! share (`per_source`) gives first, so one address cannot keep the budget
-//! from others; a busy honest address (a sidecar opening many connections
+//! handshakes that have sent something and made the same progress, an
+//! address holding more than its share (`per_source`) gives first, so one
+//! address cannot keep the budget from others; a busy honest address (a sidecar opening many connections
 //! at once) is still never evicted ahead of silent or stalled junk, and
 //! while there is room nothing is limited at all.
 //! While the budget is under pressure (three quarters full), a pending
@@ -173,22 +173,26 @@ impl Admission {
         let mut st = self.lock();
         if self.budget > 0 {
             if st.entries.len() >= self.budget {
-                // Full: the least progress gives first; among equals, an
-                // address over its share, then the oldest.
-                let over = |e: &Entry| {
-                    self.per_source > 0
+                // Full: the least progress gives first; among equals that
+                // have sent something, an address over its share; then the
+                // oldest. (Silent ones go by age alone: a busy honest
+                // address's newest connections look silent until polled.)
+                let over = |e: &Entry, progress: u8| {
+                    progress > Progress::Silent as u8
+                        && self.per_source > 0
                         && st.by_source.get(&e.source).copied().unwrap_or(0) > self.per_source
                 };
                 let victim = st
                     .entries
                     .iter()
                     .min_by_key(|(id, e)| {
-                        (e.progress.load(Ordering::Relaxed), !over(e), e.since, **id)
+                        let p = e.progress.load(Ordering::Relaxed);
+                        (p, !over(e, p), e.since, **id)
                     })
                     .map(|(id, e)| {
                         (
                             *id,
-                            if over(e) {
+                            if over(e, e.progress.load(Ordering::Relaxed)) {
                                 Eviction::Source
                             } else {
                                 Eviction::Budget
@@ -368,7 +372,9 @@ mod tests {
             own.iter().all(|p| !p.evict.is_cancelled()),
             "room: a burst is fine"
         );
+        own.iter().for_each(|p| p.advance(Progress::Partial));
         let other = a.admit(ip(9));
+        other.advance(Progress::Partial);
         tokio::time::advance(Duration::from_millis(1)).await;
         let newcomer = a.admit(ip(8));
         assert!(!other.evict.is_cancelled(), "within its share: protected");
@@ -393,6 +399,18 @@ mod tests {
             junk.evict.is_cancelled(),
             "the silent one gives, though within its share"
         );
+        assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_ones_go_by_age_whatever_their_address() {
+        let (a, _) = admission(3, 1);
+        let junk = a.admit(ip(7));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // A busy address's newest connections, not yet polled.
+        let busy: Vec<Pending> = (0..2).map(|_| a.admit(ip(1))).collect();
+        let _newcomer = a.admit(ip(8));
+        assert!(junk.evict.is_cancelled(), "the oldest silent one gives");
         assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
     }
 
