@@ -1,6 +1,7 @@
-//! The fake Consul agent behaves like Consul (so failures elsewhere are
-//! ferry's): shapes, status codes and error texts from spec §1, blocking
-//! queries, intentions, ACLs, and the fault knobs other tests rely on.
+//! The fake Consul agent (`support::fake_agent`) behaves like Consul (so
+//! failures elsewhere are ferry's): shapes, status codes and error texts
+//! from spec §1, blocking queries, intentions, ACLs, and the fault knobs
+//! other tests rely on.
 
 use std::net::SocketAddr;
 use std::time::Duration;
