@@ -30,7 +30,6 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-const MSG: &[u8] = b"ping through the mesh";
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// The start of a TLS ClientHello that stops short: the record header
@@ -42,29 +41,6 @@ const PARTIAL_CLIENT_HELLO: &[u8] = &[
     0x03, 0x03, // TLS 1.2 legacy version
     0x5a, 0x5a, 0x5a, 0x5a, // the first 4 of 32 random bytes
 ];
-
-/// Connects to `addr` as a mesh client presenting `leaf` (or no certificate)
-/// and tries one echo.
-async fn mesh_echo(addr: SocketAddr, leaf: Option<&Leaf>) -> io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = raw_client(leaf).connect(any_name(), tcp).await?;
-    round_trip(&mut tls, MSG).await
-}
-
-/// Connects to a plain listener (an upstream of ferry) and tries one echo.
-async fn plain_echo(addr: SocketAddr) -> io::Result<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).await?;
-    round_trip(&mut s, MSG).await
-}
-
-/// True if an echo attempt was refused: the connection failed or closed with
-/// nothing echoed, rather than answering or being left hanging.
-fn refused(r: &io::Result<Vec<u8>>) -> bool {
-    match r {
-        Ok(got) => got.is_empty(),
-        Err(e) => e.kind() != io::ErrorKind::TimedOut,
-    }
-}
 
 /// A Consul-shaped leaf spec for `uri`, valid for an hour from a minute ago.
 fn spec(uri: String) -> LeafSpec {

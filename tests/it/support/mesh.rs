@@ -1,12 +1,16 @@
 //! The mesh as a test sees it: a pair of ferries in front of an app, and
 //! mTLS connections to a ferry's public listener.
 
+use std::io;
 use std::net::SocketAddr;
 
 use ferry::identity::dev_ca::Leaf;
 use tokio::net::TcpStream;
 
-use super::{any_name, raw_client, within, EchoServer, Ferry, Pki};
+use super::{any_name, raw_client, round_trip, within, EchoServer, Ferry, Pki};
+
+/// What [`mesh_echo`] and [`plain_echo`] send, and expect back.
+pub const MSG: &[u8] = b"ping through the mesh";
 
 /// A mesh pair: `server_svc`'s ferry fronting an echo app, and
 /// `client_svc`'s ferry with an upstream to it. Extra inbound flags go in
@@ -74,4 +78,42 @@ pub async fn mesh_conn(addr: SocketAddr, leaf: &Leaf) -> MeshConn {
     within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp))
         .await
         .expect("handshake")
+}
+
+/// One echo as a mesh client, where any step may be refused: connects to
+/// ferry's public listener at `addr`, handshakes presenting `leaf` (a
+/// `&Leaf`, or `None` for no client certificate), sends [`MSG`],
+/// half-closes and returns what came back until EOF. Connect and handshake
+/// errors are returned, not panicked on, so that [`refused`] can judge the
+/// whole attempt; the round trip is bounded by DEADLINE (a hang comes back
+/// as `TimedOut`). Where the handshake itself must succeed, use
+/// [`mesh_conn`] and [`round_trip`].
+pub async fn mesh_echo<'a>(
+    addr: SocketAddr,
+    leaf: impl Into<Option<&'a Leaf>>,
+) -> io::Result<Vec<u8>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = raw_client(leaf.into()).connect(any_name(), tcp).await?;
+    round_trip(&mut tls, MSG).await
+}
+
+/// One echo as a local client of the plain listener at `addr` (a ferry's
+/// upstream listener): sends [`MSG`], half-closes and returns what came
+/// back until EOF; a refused connect is returned as the error.
+pub async fn plain_echo(addr: SocketAddr) -> io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    round_trip(&mut s, MSG).await
+}
+
+/// True if an echo attempt ([`mesh_echo`], [`plain_echo`]) was refused: the
+/// connection failed or closed with nothing echoed, rather than answering
+/// or being left hanging (our own timeout is not a refusal). With TLS 1.3
+/// the client's side of the handshake completes before the server has
+/// checked the client's certificate, so a refusal often shows only on the
+/// first read.
+pub fn refused(r: &io::Result<Vec<u8>>) -> bool {
+    match r {
+        Ok(got) => got.is_empty(),
+        Err(e) => e.kind() != io::ErrorKind::TimedOut,
+    }
 }
