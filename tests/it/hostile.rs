@@ -123,14 +123,6 @@ fn soft_nofile_limit() -> usize {
 // ---------------------------------------------------------------------------
 // /metrics, read as a Prometheus scraper would.
 
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
-}
-
 async fn scrape(admin: SocketAddr) -> Scrape {
     scrape_with(&http(), admin).await
 }

@@ -41,14 +41,6 @@ const LOG_FIELDS: [&str; 12] = [
 // ---------------------------------------------------------------------------
 // Helpers.
 
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
-}
-
 /// `GET http://<admin><path>`: status code and body.
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
     let url = format!("http://{admin}{path}");
@@ -128,21 +120,14 @@ fn credentials(pki: &Pki, leaf: &Leaf, service: &str) -> Arc<Credentials> {
     Arc::new(Credentials::new(&bundle, service).expect("credentials"))
 }
 
-/// A new connection to `addr` gets nowhere: refused, or closed at once
-/// (within 2 s) without a reply.
-async fn refused(addr: SocketAddr, leaf: &Leaf) {
-    let Ok(tcp) = TcpStream::connect(addr).await else {
-        return;
-    };
-    let got = timeout(Duration::from_secs(2), async {
-        match raw_client(Some(leaf)).connect(any_name(), tcp).await {
-            Err(_) => Vec::new(),
-            Ok(mut t) => round_trip(&mut t, b"anyone?").await.unwrap_or_default(),
-        }
-    })
-    .await
-    .expect("a new connection during the drain is closed at once");
-    assert!(got.is_empty(), "no reply during the drain: {got:?}");
+/// A new mesh connection to `addr`, presenting `leaf`, gets nowhere:
+/// [`refused`] (at connect, in the handshake, or closed without a reply),
+/// and at once (within 2 s).
+async fn new_connection_refused(addr: SocketAddr, leaf: &Leaf) {
+    let r = timeout(Duration::from_secs(2), mesh_echo(addr, leaf))
+        .await
+        .expect("a new connection during the drain is closed at once");
+    assert!(refused(&r), "no reply during the drain: {r:?}");
 }
 
 /// The listener at `addr` closes soon: connects are refused within
@@ -507,7 +492,7 @@ async fn drain_lets_live_connections_finish() {
         timeout(STILL_PENDING, shut.as_mut()).await.is_err(),
         "shutdown waits for the live connection"
     );
-    refused(addr, &web).await;
+    new_connection_refused(addr, &web).await;
     echo_once(&mut live, b"during the drain").await;
     finish(&mut live).await;
     assert!(within("drain", shut).await, "clean drain");

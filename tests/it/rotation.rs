@@ -5,8 +5,6 @@
 use std::sync::Arc;
 
 use ferry::identity::tls::{Credentials, PemBundle};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -19,10 +17,6 @@ fn bundle(roots: &str, leaf: &ferry::identity::dev_ca::Leaf) -> PemBundle {
         key: leaf.key_pem.clone(),
         origin: ["roots".into(), "leaf".into(), "key".into()],
     }
-}
-
-fn first_cert(pem: &str) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).expect("cert")
 }
 
 /// A CA rotation as Consul does it: both sides first trust old and new

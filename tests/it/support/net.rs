@@ -1,7 +1,8 @@
 //! Bytes on sockets: round trips and echoes with a deadline, orderly ends,
-//! resets, and addresses where nothing listens.
+//! resets, loopback addresses and ones where nothing listens, and the HTTP
+//! client for the admin listener and the fake agent.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -73,4 +74,21 @@ pub async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
         .await
         .expect("read to EOF");
     assert!(rest.is_empty(), "nothing more: {rest:?}");
+}
+
+/// 127.0.0.1:`port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// An HTTP client for the admin listener and the fake agent, both on
+/// 127.0.0.1: no proxy from the environment. reqwest is built without a
+/// bundled rustls provider and builds a TLS config even for plain http, so
+/// the ring provider is installed first.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("http client")
 }

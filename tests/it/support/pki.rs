@@ -162,3 +162,19 @@ impl ServerCertVerifier for AcceptAnyServer {
             .supported_schemes()
     }
 }
+
+/// The first certificate in `pem` (the leaf, for a chain) as DER: what a
+/// TLS peer presenting `pem` shows as `peer_certificates()[0]`.
+pub fn first_cert(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).expect("certificate")
+}
+
+/// True if `s` is in Consul's serial and key-ID format: lower-case hex
+/// bytes joined by colons (`0a:1b:...`), at least one.
+pub fn is_colon_hex(s: &str) -> bool {
+    s.split(':').all(|p| {
+        p.len() == 2
+            && p.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
