@@ -32,18 +32,7 @@ async fn read_until_end<S: tokio::io::AsyncRead + Unpin>(s: &mut S, what: &str) 
 /// An `api` inbound ferry in front of `app` (an address), with its certs.
 async fn api_ferry(pki: &Pki, app: SocketAddr) -> Ferry {
     let dir = pki.dir_arg();
-    let app = app.to_string();
-    Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app,
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("api", &dir).listen(app).start().await
 }
 
 /// The local app refuses connections (nothing listens on `-service-addr`):
@@ -110,16 +99,7 @@ async fn local_app_reset_mid_stream_ends_the_peer_connection() {
     let app_addr = listener.local_addr().unwrap().to_string();
     let app = resetting_app(listener, 4);
     let dir = pki.dir_arg();
-    let mut ferry = FerryProcess::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ]);
+    let mut ferry = FerryProcess::start(&api_args(&dir, &app_addr, &[]));
     let addr = ferry.listen_addr("inbound listener ready").await;
 
     let mut tls = mesh_conn(addr, &web).await;
@@ -173,18 +153,10 @@ async fn upstream_instance_dying_mid_stream_ends_the_local_connection() {
     let inst_addr = listener.local_addr().unwrap();
     let instance = dying_instance(&pki, &api, listener);
     let dir = pki.dir_arg();
-    let inst = format!("api={inst_addr}");
-    let web = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let web = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[inst_addr])
+        .start()
+        .await;
 
     let mut s = TcpStream::connect(web.upstream("api")).await.unwrap();
     s.write_all(MSG).await.unwrap();

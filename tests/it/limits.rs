@@ -140,20 +140,11 @@ async fn max_upstream_conns_refuses_the_second_local_connection() {
     pki.leaf("web");
     let api = TlsEchoServer::start(&pki, &pki.leaf("api")).await;
     let dir = pki.dir_arg();
-    let inst = format!("api={}", api.addr);
-    let ferry = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-        "-max-upstream-conns",
-        "1",
-    ])
-    .await;
+    let ferry = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[api.addr])
+        .extra(&["-max-upstream-conns", "1"])
+        .start()
+        .await;
     let entry = ferry.upstream("api");
 
     let mut held = TcpStream::connect(entry).await.expect("connect");

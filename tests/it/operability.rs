@@ -169,25 +169,12 @@ async fn metrics_count_what_happened() {
     extra.extend_from_slice(&admin0);
     let server = Ferry::start(&api_args(&dir, &app_addr, &extra)).await;
     let (dead1, dead2) = (dead_addr().await, dead_addr().await);
-    let api_inst = format!("api={}", server.inbound());
-    let db_inst = format!("db={dead1},{dead2}");
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &api_inst,
-        "-upstream",
-        "db:127.0.0.1:0",
-        "-upstream-addr",
-        &db_inst,
-        "-certs",
-        &dir,
-        admin0[0],
-        admin0[1],
-    ])
-    .await;
+    let client = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[server.inbound()])
+        .upstream("db", &[dead1, dead2])
+        .extra(&admin0)
+        .start()
+        .await;
     let (s_admin, c_admin) = (server.running.admin.unwrap(), client.running.admin.unwrap());
 
     // Traffic: two echoes through the mesh, 1000 + 234 bytes.

@@ -86,18 +86,7 @@ impl Inbound {
         let app = EchoServer::start().await;
         let dir = pki.dir_arg();
         let app_addr = app.addr_arg();
-        let mut args = vec![
-            "-service",
-            "api",
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            &app_addr,
-            "-certs",
-            &dir,
-        ];
-        args.extend_from_slice(extra);
-        let ferry = Ferry::start(&args).await;
+        let ferry = Ferry::start(&api_args(&dir, &app_addr, extra)).await;
         Inbound {
             pki,
             app,
@@ -434,24 +423,11 @@ impl Outbound {
     async fn start(pki: &Pki, api: &[SocketAddr]) -> Outbound {
         let db = TlsEchoServer::start(pki, &pki.leaf("db")).await;
         let dir = pki.dir_arg();
-        let api_addrs: Vec<String> = api.iter().map(|a| a.to_string()).collect();
-        let api_inst = format!("api={}", api_addrs.join(","));
-        let db_inst = format!("db={}", db.addr);
-        let ferry = Ferry::start(&[
-            "-service",
-            "web",
-            "-upstream",
-            "api:127.0.0.1:0",
-            "-upstream",
-            "db:127.0.0.1:0",
-            "-upstream-addr",
-            &api_inst,
-            "-upstream-addr",
-            &db_inst,
-            "-certs",
-            &dir,
-        ])
-        .await;
+        let ferry = StandaloneArgs::new("web", &dir)
+            .upstream("api", api)
+            .upstream("db", &[db.addr])
+            .start()
+            .await;
         Outbound { db, ferry }
     }
 

@@ -77,20 +77,11 @@ async fn registration_mode(agent: &FakeAgent, flag: &str, id: &str) -> Ferry {
 /// a mesh peer that checks the server presents `target`'s identity.
 async fn mesh_client(pki: &Pki, target: &str, instance: SocketAddr) -> Ferry {
     pki.leaf("web");
-    let up = format!("{target}:127.0.0.1:0");
-    let inst = format!("{target}={instance}");
     let dir = pki.dir_arg();
-    Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        &up,
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("web", &dir)
+        .upstream(target, &[instance])
+        .start()
+        .await
 }
 
 /// Parses `args` like the binary (empty environment) and returns the
@@ -697,17 +688,12 @@ async fn register_needs_an_agent_and_a_listener() {
     let pki = Pki::new();
     pki.leaf("web");
     let dir = pki.dir_arg();
-    let with_certs = config_error(&[
-        "-service",
-        "web",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        "127.0.0.1:9",
-        "-certs",
-        &dir,
-        "-register",
-    ]);
+    let with_certs = config_error(
+        &StandaloneArgs::new("web", &dir)
+            .listen("127.0.0.1:9")
+            .extra(&["-register"])
+            .args(),
+    );
     assert_eq!(
         with_certs,
         "-register needs a Consul agent; it cannot be used with -certs"

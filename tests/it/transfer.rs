@@ -71,29 +71,11 @@ async fn server_speaks_first_and_closes_first() {
         assert_eq!(rest, b"thanks");
     });
     let dir = pki.dir_arg();
-    let server = Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ])
-    .await;
-    let inst = format!("api={}", server.inbound());
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let server = Ferry::start(&api_args(&dir, &app_addr, &[])).await;
+    let client = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[server.inbound()])
+        .start()
+        .await;
 
     let mut s = TcpStream::connect(client.upstream("api")).await.unwrap();
     let mut got = Vec::new();
@@ -156,29 +138,11 @@ async fn chains_through_an_intermediate_are_accepted_both_ways() {
     let app = EchoServer::start().await;
     let dir = pki.dir_arg();
     let app_addr = app.addr_arg();
-    let server = Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ])
-    .await;
-    let inst = format!("api={}", server.inbound());
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let server = Ferry::start(&api_args(&dir, &app_addr, &[])).await;
+    let client = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[server.inbound()])
+        .start()
+        .await;
     assert_echo(client.upstream("api"), b"through an intermediate").await;
 
     // Without the intermediate, a client's leaf does not chain to the root.

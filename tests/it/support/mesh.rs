@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use ferry::identity::dev_ca::Leaf;
 use tokio::net::TcpStream;
 
-use super::{any_name, raw_client, round_trip, within, EchoServer, Ferry, Pki};
+use super::{any_name, raw_client, round_trip, within, EchoServer, Ferry, Pki, StandaloneArgs};
 
 /// What [`mesh_echo`] and [`plain_echo`] send, and expect back.
 pub const MSG: &[u8] = b"ping through the mesh";
@@ -29,32 +29,15 @@ impl Mesh {
         pki.leaf(server_svc);
         let app = EchoServer::start().await;
         let dir = pki.dir_arg();
-        let app_addr = app.addr_arg();
-        let mut args = vec![
-            "-service",
-            server_svc,
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            &app_addr,
-            "-certs",
-            &dir,
-        ];
-        args.extend_from_slice(inbound_extra);
-        let server = Ferry::start(&args).await;
-        let up = format!("{server_svc}:127.0.0.1:0");
-        let inst = format!("{server_svc}={}", server.inbound());
-        let client = Ferry::start(&[
-            "-service",
-            client_svc,
-            "-upstream",
-            &up,
-            "-upstream-addr",
-            &inst,
-            "-certs",
-            &dir,
-        ])
-        .await;
+        let server = StandaloneArgs::new(server_svc, &dir)
+            .listen(app.addr)
+            .extra(inbound_extra)
+            .start()
+            .await;
+        let client = StandaloneArgs::new(client_svc, &dir)
+            .upstream(server_svc, &[server.inbound()])
+            .start()
+            .await;
         Mesh {
             pki,
             app,

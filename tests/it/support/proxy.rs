@@ -1,7 +1,9 @@
 //! ferry under test: started in-process from real command-line flags
 //! ([`Ferry`]), or as the real binary with its stderr collected
-//! ([`FerryProcess`]), and the flags of a standalone ferry.
+//! ([`FerryProcess`]), and the flags of a standalone ferry, spelled once
+//! ([`StandaloneArgs`], [`api_args`]).
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -186,19 +188,143 @@ impl FerryProcess {
     }
 }
 
+/// Where a listener binds when the test does not care: a free port.
+const FREE_PORT: &str = "127.0.0.1:0";
+
+/// The flags of a standalone ferry (certificates from a `-certs` directory,
+/// no agent): `-service`, a public listener in front of the local app,
+/// upstreams with their instances, `-certs`, then anything extra. The one
+/// place these flags are spelled; [`api_args`] is its shorthand for the
+/// common `api` inbound.
+///
+/// ```ignore
+/// let web = StandaloneArgs::new("web", &pki.dir_arg())
+///     .upstream("api", &[api.inbound()])
+///     .start()
+///     .await;
+/// ```
+#[derive(Clone, Debug)]
+pub struct StandaloneArgs {
+    service: String,
+    certs: String,
+    /// `-listen` and `-service-addr`.
+    inbound: Option<(String, String)>,
+    /// `-upstream` (`NAME:ADDR:PORT`) and `-upstream-addr` (`NAME=A,B`).
+    upstreams: Vec<(String, String)>,
+    extra: Vec<String>,
+}
+
+impl StandaloneArgs {
+    /// A ferry for `service` with its certificates in `certs_dir`, nothing
+    /// to listen on yet.
+    pub fn new(service: &str, certs_dir: &str) -> StandaloneArgs {
+        StandaloneArgs {
+            service: service.into(),
+            certs: certs_dir.into(),
+            inbound: None,
+            upstreams: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// A public mTLS listener on a free port in front of the local app at
+    /// `app`.
+    pub fn listen(self, app: impl Display) -> StandaloneArgs {
+        self.listen_on(FREE_PORT, app)
+    }
+
+    /// A public mTLS listener on `listen` in front of the local app at `app`.
+    pub fn listen_on(mut self, listen: impl Display, app: impl Display) -> StandaloneArgs {
+        self.inbound = Some((listen.to_string(), app.to_string()));
+        self
+    }
+
+    /// A local listener on a free port for upstream `name`, whose instances
+    /// are `instances`.
+    pub fn upstream(self, name: &str, instances: &[impl Display]) -> StandaloneArgs {
+        self.upstream_on(name, FREE_PORT, instances)
+    }
+
+    /// A local listener on `listen` for upstream `name`, whose instances are
+    /// `instances`.
+    pub fn upstream_on(
+        mut self,
+        name: &str,
+        listen: impl Display,
+        instances: &[impl Display],
+    ) -> StandaloneArgs {
+        let list: Vec<String> = instances.iter().map(|a| a.to_string()).collect();
+        self.upstreams.push((
+            format!("{name}:{listen}"),
+            format!("{name}={}", list.join(",")),
+        ));
+        self
+    }
+
+    /// More flags, after all of the above.
+    pub fn extra(mut self, flags: &[&str]) -> StandaloneArgs {
+        self.extra.extend(flags.iter().map(|f| f.to_string()));
+        self
+    }
+
+    /// The command line, without the program name.
+    pub fn args(&self) -> Vec<&str> {
+        flags(
+            &self.service,
+            self.inbound.as_ref().map(|(l, a)| (l.as_str(), a.as_str())),
+            self.upstreams.iter().map(|(u, i)| (u.as_str(), i.as_str())),
+            &self.certs,
+            self.extra.iter().map(String::as_str),
+        )
+    }
+
+    /// The command line as owned strings (for tables of cases).
+    pub fn to_vec(&self) -> Vec<String> {
+        self.args().into_iter().map(String::from).collect()
+    }
+
+    /// Starts this ferry in-process ([`Ferry::start`]).
+    pub async fn start(&self) -> Ferry {
+        Ferry::start(&self.args()).await
+    }
+
+    /// Runs the real binary with these flags ([`FerryProcess::start`]).
+    pub fn start_process(&self) -> FerryProcess {
+        FerryProcess::start(&self.args())
+    }
+}
+
 /// Flags for a standalone `api` ferry with certificates in `dir`, listening
-/// on a free port in front of the app at `app`, plus `extra`.
+/// on a free port in front of the app at `app`, plus `extra`: the flags of
+/// `StandaloneArgs::new("api", dir).listen(app).extra(extra)`, borrowed.
 pub fn api_args<'a>(dir: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "-service",
+    let inbound = Some((FREE_PORT, app));
+    flags(
         "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        app,
-        "-certs",
+        inbound,
+        std::iter::empty(),
         dir,
-    ];
-    args.extend_from_slice(extra);
+        extra.iter().copied(),
+    )
+}
+
+/// The one spelling of a standalone ferry's flags, in the order
+/// [`StandaloneArgs`] documents.
+fn flags<'a>(
+    service: &'a str,
+    inbound: Option<(&'a str, &'a str)>,
+    upstreams: impl IntoIterator<Item = (&'a str, &'a str)>,
+    certs: &'a str,
+    extra: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    let mut args = vec!["-service", service];
+    if let Some((listen, app)) = inbound {
+        args.extend(["-listen", listen, "-service-addr", app]);
+    }
+    for (upstream, instances) in upstreams {
+        args.extend(["-upstream", upstream, "-upstream-addr", instances]);
+    }
+    args.extend(["-certs", certs]);
+    args.extend(extra);
     args
 }
