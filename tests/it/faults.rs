@@ -193,7 +193,7 @@ async fn upstream_instance_dying_mid_stream_ends_the_local_connection() {
 /// closed, the gauge returns to 0, one close is counted with `outcome`, and
 /// a fresh connection is echoed.
 async fn peer_vanishes(reset: bool, outcome: &'static str) {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     let web = mesh.pki.issue(&LeafSpec::consul(mesh.pki.uri("web"), HOUR));
     let mut tls = mesh_conn(mesh.server.inbound(), &web).await;
     tls.write_all(MSG).await.unwrap();

@@ -24,7 +24,7 @@ fn bundle(roots: &str, leaf: &ferry::identity::dev_ca::Leaf) -> PemBundle {
 /// opened before keeps echoing; the next one sees the new leaf.
 #[tokio::test]
 async fn rotating_roots_and_leaf_keeps_live_connections() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     let td = mesh.pki.trust_domain().to_string();
 
     let mut live = TcpStream::connect(mesh.entry("api")).await.unwrap();

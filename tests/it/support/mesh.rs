@@ -12,25 +12,62 @@ use super::{any_name, raw_client, round_trip, within, EchoServer, Ferry, Pki, St
 /// What [`mesh_echo`] and [`plain_echo`] send, and expect back.
 pub const MSG: &[u8] = b"ping through the mesh";
 
-/// A mesh pair: `server_svc`'s ferry fronting an echo app, and
-/// `client_svc`'s ferry with an upstream to it. Extra inbound flags go in
-/// `inbound_extra` (e.g. intentions).
-pub struct Mesh {
+/// What a ferry can front as its local app: an address, or a server that
+/// has one.
+pub trait LocalApp {
+    /// Where the app listens.
+    fn app_addr(&self) -> SocketAddr;
+}
+
+impl LocalApp for SocketAddr {
+    fn app_addr(&self) -> SocketAddr {
+        *self
+    }
+}
+
+impl LocalApp for EchoServer {
+    fn app_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A mesh pair: `server_svc`'s ferry fronting the app (an [`EchoServer`]
+/// unless the test brings its own), and `client_svc`'s ferry with an
+/// upstream to it, both standalone with leaves from one new [`Pki`].
+pub struct Mesh<A = EchoServer> {
     pub pki: Pki,
-    pub app: EchoServer,
+    /// The app, kept for as long as the mesh (a server stays up).
+    pub app: A,
     pub server: Ferry,
     pub client: Ferry,
 }
 
 impl Mesh {
-    pub async fn start(client_svc: &str, server_svc: &str, inbound_extra: &[&str]) -> Mesh {
+    /// A mesh pair in front of a new [`EchoServer`]: [`Mesh::start`] for
+    /// the usual app.
+    pub async fn echo(client_svc: &str, server_svc: &str, inbound_extra: &[&str]) -> Mesh {
+        let app = EchoServer::start().await;
+        Mesh::start(client_svc, server_svc, app, inbound_extra).await
+    }
+}
+
+impl<A: LocalApp> Mesh<A> {
+    /// Issues leaves for both services, starts `server_svc`'s ferry on a
+    /// free port in front of `app` with `inbound_extra` flags added (e.g.
+    /// intentions), then `client_svc`'s ferry whose upstream `server_svc`
+    /// is that listener.
+    pub async fn start(
+        client_svc: &str,
+        server_svc: &str,
+        app: A,
+        inbound_extra: &[&str],
+    ) -> Mesh<A> {
         let pki = Pki::new();
         pki.leaf(client_svc);
         pki.leaf(server_svc);
-        let app = EchoServer::start().await;
         let dir = pki.dir_arg();
         let server = StandaloneArgs::new(server_svc, &dir)
-            .listen(app.addr)
+            .listen(app.app_addr())
             .extra(inbound_extra)
             .start()
             .await;
