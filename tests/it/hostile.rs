@@ -7,7 +7,6 @@
 //! counted), the local app never sees it, and a genuine mTLS client is
 //! served afterwards by the same, still running, process.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,8 +25,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::support::*;
-
-const MSG: &[u8] = b"ping through the mesh";
 
 /// A refusal by the TLS stack (not by a timeout) must be seen within this long.
 const AT_ONCE: Duration = Duration::from_secs(2);
@@ -110,25 +107,6 @@ impl Target {
     }
 }
 
-/// A mesh client's handshake and one echo to `addr`, presenting `leaf`.
-async fn mesh_echo(addr: SocketAddr, leaf: &Leaf) -> io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = raw_client(Some(leaf)).connect(any_name(), tcp).await?;
-    round_trip(&mut tls, MSG).await
-}
-
-/// True if an echo attempt was refused: the connection failed or closed with
-/// nothing echoed, rather than answering or being left hanging. (With TLS
-/// 1.3 the client's side of the handshake completes before the server has
-/// checked the client's certificate, so the refusal often shows only on the
-/// first read.)
-fn refused(r: &io::Result<Vec<u8>>) -> bool {
-    match r {
-        Ok(got) => got.is_empty(),
-        Err(e) => e.kind() != io::ErrorKind::TimedOut,
-    }
-}
-
 /// This process's soft limit on open descriptors, from `/proc/self/limits`
 /// (the crate forbids `unsafe`, so no `getrlimit`; and raising the limit
 /// would need it, so the test sizes itself to the limit instead).
@@ -144,14 +122,6 @@ fn soft_nofile_limit() -> usize {
 
 // ---------------------------------------------------------------------------
 // /metrics, read as a Prometheus scraper would.
-
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
-}
 
 async fn scrape(admin: SocketAddr) -> Scrape {
     scrape_with(&http(), admin).await
