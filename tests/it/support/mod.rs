@@ -36,6 +36,7 @@ mod net;
 mod ops;
 mod pki;
 mod proxy;
+mod target;
 mod wait;
 
 pub use apps::*;
@@ -44,4 +45,5 @@ pub use net::*;
 pub use ops::*;
 pub use pki::*;
 pub use proxy::*;
+pub use target::*;
 pub use wait::*;
