@@ -16,6 +16,10 @@
 //! 2. among equals, the oldest: an honest handshake finishes in a few round
 //!    trips, so the one that has waited longest is the likeliest junk.
 //!
+//! A connection younger than [`FIRST_LOOK`] is spared while an older one
+//! remains: until its task has read what the peer sent, an honest client
+//! looks as silent as junk.
+//!
 //! An honest client has sent a complete ClientHello within one round trip
 //! of connecting, so it is evicted only after every silent and partial
 //! connection, and then only after `budget` newer arrivals. Among pending
@@ -49,6 +53,11 @@ use crate::ops::metrics::{Counter, Gauge, Metrics};
 /// slow intercontinental round trip, and a fifth of the default
 /// `-handshake-timeout`.
 pub const PRESSURE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a new connection is spared eviction while older ones remain:
+/// time for its task to read what the peer sent, so its progress is seen.
+/// An honest client's ClientHello is already in the socket by then.
+pub const FIRST_LOOK: Duration = Duration::from_millis(100);
 
 /// How long a pending handshake is spared the per-address share: an honest
 /// handshake is done within a round trip or two, so one that has lasted this
@@ -178,7 +187,9 @@ impl Admission {
         let mut st = self.lock();
         if self.budget > 0 {
             if st.entries.len() >= self.budget {
-                // Full: the least progress gives first; among equals, an
+                // Full: a handshake younger than FIRST_LOOK is spared while
+                // there is an older one (an unpolled honest connection looks
+                // silent); then the least progress gives first; among equals, an
                 // address over its share whose handshake has lasted past
                 // SHARE_GRACE; then the oldest. The grace spares a busy
                 // honest address: its handshakes are young (an honest one
@@ -192,7 +203,14 @@ impl Admission {
                     .entries
                     .iter()
                     .min_by_key(|(id, e)| {
-                        (e.progress.load(Ordering::Relaxed), !over(e), e.since, **id)
+                        let fresh = now.duration_since(e.since) < FIRST_LOOK;
+                        (
+                            fresh,
+                            e.progress.load(Ordering::Relaxed),
+                            !over(e),
+                            e.since,
+                            **id,
+                        )
                     })
                     .map(|(id, e)| {
                         (
@@ -425,6 +443,19 @@ mod tests {
         let _newcomer = a.admit(ip(8));
         assert!(junk.evict.is_cancelled(), "the oldest silent one gives");
         assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_gets_a_first_look_before_it_can_be_evicted() {
+        let (a, _) = admission(2, 0);
+        let stalled = a.admit(ip(7));
+        stalled.advance(Progress::Partial);
+        tokio::time::advance(FIRST_LOOK).await;
+        // Not yet polled: looks silent, but is younger than FIRST_LOOK.
+        let unpolled = a.admit(ip(1));
+        let _newcomer = a.admit(ip(8));
+        assert!(stalled.evict.is_cancelled(), "the older stalled one gives");
+        assert!(!unpolled.evict.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]
