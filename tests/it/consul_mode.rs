@@ -1168,7 +1168,10 @@ async fn a_refused_token_is_logged_once_and_nothing_is_served() {
     assert_eq!(acl.len(), 1, "logged once per change of state: {lines:#?}");
     assert!(acl[0].contains("403"), "{}", acl[0]);
     assert!(acl[0].contains("leaf"), "names the endpoint: {}", acl[0]);
-    let denied: Vec<&String> = anon_lines.iter().filter(|l| l.contains("403")).collect();
+    let denied: Vec<&String> = anon_lines
+        .iter()
+        .filter(|l| l.contains("HTTP 403"))
+        .collect();
     assert_eq!(denied.len(), 1, "logged once: {anon_lines:#?}");
     assert!(
         denied[0].contains(r#"missing_permission=service:write on "billing""#),
