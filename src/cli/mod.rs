@@ -246,9 +246,9 @@ pub struct ProxyArgs {
     pub max_handshakes: usize,
 
     /// Share of -max-handshakes one source address may hold (0: none): when
-    /// the budget is full, among handshakes that made the same progress, an
-    /// address over its share gives first. Default 32, a quarter of the
-    /// default budget.
+    /// the budget is full, among handshakes that made the same progress, one
+    /// older than 250 ms from an address over its share gives first.
+    /// Default 32, a quarter of the default budget.
     #[arg(long, default_value = "32", value_name = "N")]
     pub max_handshakes_per_source: usize,
 

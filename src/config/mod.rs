@@ -10,7 +10,7 @@
 //! `app` or `control`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,10 @@ use crate::proxy::balancer::EjectionPolicy;
 pub use crate::proxy::net::{BindAddr, UnixBind};
 pub use crate::proxy::Timeouts;
 
+mod addr;
 pub mod agent;
+
+use addr::{check_host_port, parse_addr, parse_listen, resolve};
 
 use agent::{AgentConfig, AgentConfigError, Env, ProxyIdentity};
 
@@ -559,70 +562,6 @@ pub fn read_cert_dir(dir: &Path, service: &str) -> Result<PemBundle, ConfigError
         key: read(&files[2])?,
         origin: files.map(|f| f.display().to_string()),
     })
-}
-
-/// `-listen HOST:PORT`; an empty host means every address, as in Consul.
-fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
-    parse_addr("-listen", s)
-}
-
-/// A listen address for `flag`: `HOST:PORT`, or `:PORT` for every address.
-fn parse_addr(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: &str| ConfigError::BadAddr {
-        flag,
-        value: s.to_string(),
-        why: why.to_string(),
-    };
-    if let Some(port) = s.strip_prefix(':') {
-        let port = port.parse::<u16>().map_err(|_| bad("invalid port"))?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
-    }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    resolve(flag, s)
-}
-
-fn check_host_port(flag: &'static str, s: &str) -> Result<String, ConfigError> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.starts_with('/') {
-            return Ok(s.to_string());
-        }
-        return Err(ConfigError::BadAddr {
-            flag,
-            value: s.to_string(),
-            why: "expected unix:/ABSOLUTE/PATH".into(),
-        });
-    }
-    let ok = s
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(ConfigError::BadAddr {
-            flag,
-            value: s.to_string(),
-            why: "expected HOST:PORT".into(),
-        })
-    }
-}
-
-fn resolve(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: String| ConfigError::BadAddr {
-        flag,
-        value: s.to_string(),
-        why,
-    };
-    let mut addrs = s.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
-    // Prefer IPv4 for names like "localhost" that resolve both ways: the
-    // listeners we point at are usually bound on 127.0.0.1.
-    let all: Vec<SocketAddr> = addrs.by_ref().collect();
-    all.iter()
-        .find(|a| a.is_ipv4())
-        .or(all.first())
-        .copied()
-        .ok_or_else(|| bad("resolves to no address".into()))
 }
 
 #[cfg(test)]

@@ -154,7 +154,8 @@ async fn handle(
     kill: &CancellationToken,
     pending: Pending,
 ) -> Report {
-    let mut report = Report::new(Direction::Inbound, peer, &ctx.service, None);
+    let me = ctx.credentials.latest().map(|c| c.identity.id.to_string());
+    let mut report = Report::new(Direction::Inbound, peer, &ctx.service, me);
     net::tune_accepted(&stream);
     let (mut tls, credentials) = match handshake(ctx, stream, &pending, kill).await {
         Ok(done) => done,
@@ -178,7 +179,10 @@ async fn handle(
         }
     };
     drop(pending);
-    report.destination = Some(credentials.identity.id.to_string());
+    if report.destination.is_none() {
+        // Certificates arrived while this handshake waited for them.
+        report.destination = Some(credentials.identity.id.to_string());
+    }
     ctx.metrics
         .handshake("server", tls.get_ref().1.handshake_kind());
     // The established budget: a slot may have gone to a racing handshake

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::registration::{addr, free_ports, registration_mode, sidecar};
+use crate::registration::{free_ports, registration_mode, sidecar};
 use crate::support::fake_agent::{expose_check, http_check, AgentOpts, FakeAgent, Health};
 use crate::support::*;
 
@@ -134,7 +134,7 @@ async fn exposed_check_follows_the_app_and_nothing_else_reaches_it() {
     path["ListenerPort"] = json!(listener_port);
     agent.register(exposing(port, app.addr.port(), json!([path])));
     let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
-    let exposed = addr(listener_port);
+    let exposed = loopback(listener_port);
     let check_url = format!("http://{exposed}/health");
 
     assert_eq!(http_check(&check_url, DEADLINE).await, Health::Passing);
@@ -212,7 +212,7 @@ async fn slow_and_oversized_requests_are_cut_off() {
         json!([{ "path": "/health", "local_path_port": app.addr.port(), "listener_port": listener_port }]),
     ));
     let _ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
-    let exposed = addr(listener_port);
+    let exposed = loopback(listener_port);
 
     let started = Instant::now();
     let mut slow = TcpStream::connect(exposed).await.expect("connect");
@@ -265,7 +265,11 @@ async fn h2c_towards_the_listener_and_the_app() {
         (l2, "/grpc.health.v1.Health/Check"),
         (l1, "/nope"),
     ] {
-        let io = TokioIo::new(TcpStream::connect(addr(listener)).await.expect("connect"));
+        let io = TokioIo::new(
+            TcpStream::connect(loopback(listener))
+                .await
+                .expect("connect"),
+        );
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
             .expect("h2c handshake");
@@ -305,16 +309,19 @@ async fn envoy_metrics_and_stats_bind_addrs() {
     let codes: HashMap<&str, u16> = HashMap::from([
         (
             "prom /metrics",
-            status_of(addr(prom), "GET", "/metrics").await,
+            status_of(loopback(prom), "GET", "/metrics").await,
         ),
-        ("prom /ready", status_of(addr(prom), "GET", "/ready").await),
+        (
+            "prom /ready",
+            status_of(loopback(prom), "GET", "/ready").await,
+        ),
         (
             "stats /ready",
-            status_of(addr(stats), "GET", "/ready").await,
+            status_of(loopback(stats), "GET", "/ready").await,
         ),
         (
             "stats /metrics",
-            status_of(addr(stats), "GET", "/metrics").await,
+            status_of(loopback(stats), "GET", "/metrics").await,
         ),
     ]);
     assert_eq!(codes["prom /metrics"], 200);
@@ -352,7 +359,7 @@ async fn exposed_paths_follow_the_registration_live() {
         |p: &str, l: u16| json!({ "path": p, "local_path_port": app_port, "listener_port": l });
     agent.register(exposing(port, app_port, json!([path("/health", l1)])));
     let _ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
-    assert_eq!(maybe_status(addr(l1), "/health").await, Some(200));
+    assert_eq!(maybe_status(loopback(l1), "/health").await, Some(200));
 
     agent.register(exposing(
         port,
@@ -360,26 +367,26 @@ async fn exposed_paths_follow_the_registration_live() {
         json!([path("/ready", l1), path("/health", l2)]),
     ));
     let deadline = Instant::now() + DEADLINE;
-    while maybe_status(addr(l1), "/ready").await != Some(200) {
+    while maybe_status(loopback(l1), "/ready").await != Some(200) {
         assert!(Instant::now() < deadline, "/ready never exposed on {l1}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
-        maybe_status(addr(l1), "/health").await,
+        maybe_status(loopback(l1), "/health").await,
         Some(404),
         "no longer exposed there"
     );
     let deadline = Instant::now() + DEADLINE;
-    while maybe_status(addr(l2), "/health").await != Some(200) {
+    while maybe_status(loopback(l2), "/health").await != Some(200) {
         assert!(Instant::now() < deadline, "/health never exposed on {l2}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     agent.register(exposing(port, app_port, json!([path("/ready", l1)])));
     let deadline = Instant::now() + DEADLINE;
-    while TcpStream::connect(addr(l2)).await.is_ok() {
+    while TcpStream::connect(loopback(l2)).await.is_ok() {
         assert!(Instant::now() < deadline, "{l2} still listens");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(maybe_status(addr(l1), "/ready").await, Some(200));
+    assert_eq!(maybe_status(loopback(l1), "/ready").await, Some(200));
 }

@@ -17,8 +17,8 @@ mod interop;
 mod envoy;
 // The per-connection log line, read from the binary's stderr.
 mod logs;
-// The fake Consul agent itself behaves like Consul (so failures elsewhere are ferry's).
-mod fake_agent;
+// The fake Consul agent (support::fake_agent) is faithful to Consul, so failures elsewhere are ferry's.
+mod fake_agent_fidelity;
 // Reaching the agent over a unix socket and over https with our own CA and server name.
 mod agent_transport;
 // The binary's command line: bad flags and files give clear errors.

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::registration::{
-    addr, free_ports, registration_mode, sidecar, until_discovered, upstream, with_upstreams,
+    free_ports, registration_mode, sidecar, until_discovered, upstream, with_upstreams,
 };
 use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance};
 use crate::support::*;
@@ -29,7 +29,7 @@ fn tuned(name: &str, port: u16, config: Value) -> Value {
 /// Whether ferry closes a new local connection at once (a refusal by the
 /// connection cap) rather than carrying it.
 async fn refused_at_once(port: u16) -> bool {
-    let mut s = TcpStream::connect(addr(port)).await.expect("connect");
+    let mut s = TcpStream::connect(loopback(port)).await.expect("connect");
     let _ = s.write_all(b"x").await;
     let mut buf = [0u8; 1];
     matches!(
@@ -62,7 +62,9 @@ async fn max_connections_caps_local_connections_and_applies_live() {
     let ferry = registration_mode(&agent, "-proxy-id", "api-sidecar-proxy").await;
     until_discovered(&ferry, "db", db.addr).await;
 
-    let mut first = TcpStream::connect(addr(db_port)).await.expect("connect");
+    let mut first = TcpStream::connect(loopback(db_port))
+        .await
+        .expect("connect");
     echo_once(&mut first, b"first").await;
     assert!(
         refused_at_once(db_port).await,
@@ -98,7 +100,7 @@ async fn max_connections_caps_local_connections_and_applies_live() {
 /// A connection to `port` that carries a byte both ways (None also while
 /// the listener is restarting).
 async fn carried(port: u16) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(addr(port)).await.ok()?;
+    let mut s = TcpStream::connect(loopback(port)).await.ok()?;
     s.write_all(b"x").await.ok()?;
     let mut got = [0u8; 1];
     match within("echo", s.read(&mut got)).await {
@@ -180,7 +182,9 @@ async fn connect_timeout_ms_bounds_the_attempt() {
     until_discovered(&ferry, "db", silent_addr).await;
 
     let started = Instant::now();
-    let mut s = TcpStream::connect(addr(db_port)).await.expect("connect");
+    let mut s = TcpStream::connect(loopback(db_port))
+        .await
+        .expect("connect");
     let mut buf = [0u8; 1];
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     let took = started.elapsed();

@@ -171,30 +171,15 @@ async fn standalone_flags_for_both_sockets() {
     pki.leaf("web");
     let dir_arg = pki.dir_arg();
     let service_addr = format!("unix:{}", app_sock.display());
-    let server = Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &service_addr,
-        "-certs",
-        &dir_arg,
-    ])
-    .await;
-    let up = format!("api:unix:{}", up_sock.display());
-    let inst = format!("api={}", server.inbound());
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        &up,
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir_arg,
-    ])
-    .await;
+    let server = StandaloneArgs::new("api", &dir_arg)
+        .listen(service_addr)
+        .start()
+        .await;
+    let up = format!("unix:{}", up_sock.display());
+    let client = StandaloneArgs::new("web", &dir_arg)
+        .upstream_on("api", up, &[server.inbound()])
+        .start()
+        .await;
     assert_eq!(client.running.upstream_socket("api"), Some(up_sock.clone()));
     echo_unix(&up_sock, b"socket to socket").await;
     assert_eq!(counts.accepted(), 1);
