@@ -5,8 +5,8 @@
 //! registration (registration mode: the listener set) → the credentials
 //! channel → bind and serve every listener → wait for the first
 //! credentials → upstream discovery → `-register` → follow the listener
-//! set. Each phase is a function below; a failure in any of them stops
-//! what the earlier ones spawned.
+//! set. Each phase is a function below (the admin listeners' in `ops`); a
+//! failure in any of them stops what the earlier ones spawned.
 //!
 //! Owns: the order of start-up and shutdown, and which source feeds which
 //! listener. May import every part; no part imports it.
@@ -23,7 +23,7 @@ use crate::control::agent::register::{self, Registration};
 use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
 use crate::control::{ListenerSet, Publisher, Receiver};
 use crate::identity::tls::Credentials;
-use crate::ops::admin::{self, Admin};
+use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
 use crate::proxy::balancer::InstanceState;
 use crate::proxy::net::Listener;
@@ -31,12 +31,14 @@ use crate::proxy::splice::Timers;
 
 mod expose;
 mod inbound;
+mod ops;
 mod shutdown;
 mod status;
 mod upstreams;
 
 use expose::ExposeSet;
 use inbound::{register_self, SelfRegistration, Wiring};
+use ops::{serve_admin, serve_envoy_compat};
 pub use shutdown::Shutdown;
 use upstreams::{Settings, UpstreamSet};
 
@@ -194,59 +196,6 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
         registration: self_registration,
         shutdown,
     })
-}
-
-/// Phase 1: the admin listener, so `/ready` can say "not yet" while the
-/// rest starts.
-fn serve_admin(
-    addr: Option<SocketAddr>,
-    admin: &Arc<Admin>,
-    shutdown: &Shutdown,
-) -> Result<Option<SocketAddr>, StartError> {
-    let Some(addr) = addr else {
-        return Ok(None);
-    };
-    let listener = bind("-admin-addr", addr)?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(listen = %bound, "admin listener ready (/metrics /ready /live /status)");
-    shutdown.control.spawn(admin::serve(
-        listener,
-        admin.clone(),
-        shutdown.control.clone(),
-        shutdown.halt.clone(),
-    ));
-    Ok(Some(bound))
-}
-
-/// Registration mode: Envoy's `envoy_stats_bind_addr` (the admin
-/// endpoints) and `envoy_prometheus_bind_addr` (`/metrics`), served
-/// beside `-admin-addr` so that scrapers configured for Envoy find ferry.
-fn serve_envoy_compat(
-    set: &ListenerSet,
-    admin: &Arc<Admin>,
-    shutdown: &Shutdown,
-) -> Result<(), StartError> {
-    if let Some(addr) = set.stats_bind {
-        let listener = bind("envoy_stats_bind_addr", addr)?;
-        tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "admin endpoints on envoy_stats_bind_addr");
-        shutdown.control.spawn(admin::serve(
-            listener,
-            admin.clone(),
-            shutdown.control.clone(),
-            shutdown.halt.clone(),
-        ));
-    }
-    if let Some(addr) = set.metrics_bind {
-        let listener = bind("envoy_prometheus_bind_addr", addr)?;
-        tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "/metrics on envoy_prometheus_bind_addr");
-        shutdown.control.spawn(admin::serve_metrics(
-            listener,
-            admin.clone(),
-            shutdown.control.clone(),
-            shutdown.halt.clone(),
-        ));
-    }
-    Ok(())
 }
 
 /// Phase 2 (registration mode): follows the proxy's registration and waits
