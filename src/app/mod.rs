@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::authz::RbacChain;
 use crate::config::agent::ProxyIdentity;
 use crate::config::{AuthzSource, CertSource, Config, InboundConfig};
 use crate::control::agent::register::{self, Registration};
 use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
-use crate::control::{ListenerSet, Publisher, Receiver};
+use crate::control::{Instances, ListenerSet, Publisher, Receiver};
 use crate::identity::tls::Credentials;
 use crate::ops::admin::{self, Admin};
 use crate::ops::metrics::Metrics;
@@ -32,6 +33,8 @@ mod inbound;
 mod shutdown;
 mod status;
 mod upstreams;
+#[cfg(feature = "xds")]
+pub mod xds;
 
 use inbound::{register_self, SelfRegistration, Wiring};
 pub use shutdown::Shutdown;
@@ -54,6 +57,18 @@ pub enum StartError {
     NoAgent,
     #[error("proxy registration: {0}")]
     Registration(String),
+    #[error("{0}")]
+    ControlPlane(String),
+}
+
+/// What a control plane that configures everything (xDS) feeds the
+/// supervisor: the listener set (and its first value), certificates,
+/// RBAC and each upstream's instances.
+pub(crate) struct Feeds {
+    pub sets: (Receiver<ListenerSet>, Arc<ListenerSet>),
+    pub credentials: Receiver<Credentials>,
+    pub rbac: Receiver<RbacChain>,
+    pub instances: Receiver<Instances>,
 }
 
 /// A running proxy.
@@ -83,9 +98,19 @@ pub struct Running {
 /// wait for them, bounded by the handshake timeout (inbound) or the
 /// upstream deadline, so callers (and tests using port 0) can connect at
 /// once and `/ready` turns 200 only when everything serves. `policy` times everything that talks to the agent.
-pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
+pub async fn start(config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
+    start_with(config, policy, Shutdown::new(), None).await
+}
+
+/// [`start`], on `shutdown`, with everything from `feeds` when a control
+/// plane configures the whole proxy.
+pub(crate) async fn start_with(
+    mut config: Config,
+    policy: WatchPolicy,
+    shutdown: Shutdown,
+    feeds: Option<Feeds>,
+) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
-    let shutdown = Shutdown::new();
     let on_error = shutdown.abort_on_drop();
     let client = match &config.agent {
         Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
@@ -93,16 +118,33 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
     };
     let admin = Arc::new(Admin::new(metrics.clone()));
     let admin_addr = serve_admin(config.admin, &admin, &shutdown)?;
-    let listener_sets = match config.sidecar.clone() {
-        Some(identity) => {
-            let client = client.as_ref().ok_or(StartError::NoAgent)?;
-            let (rx, first) = follow_registration(client, &identity, policy, &shutdown).await?;
-            apply_registration(&mut config, &first);
+    let (feed_creds, rbac, instances, from_control) = match feeds {
+        Some(f) => (
+            Some(f.credentials),
+            Some(f.rbac),
+            Some(f.instances),
+            Some(f.sets),
+        ),
+        None => (None, None, None, None),
+    };
+    let listener_sets = match (config.sidecar.clone(), from_control) {
+        (_, Some((rx, first))) => {
+            apply_registration(&mut config, &first, AuthzSource::ControlPlane);
             Some((rx, first))
         }
-        None => None,
+        (Some(identity), None) => {
+            let client = client.as_ref().ok_or(StartError::NoAgent)?;
+            let (rx, first) = follow_registration(client, &identity, policy, &shutdown).await?;
+            let authz = AuthzSource::Agent {
+                fallback_window: config.authz_fallback_window,
+                recheck_every: config.reauthorize_interval,
+            };
+            apply_registration(&mut config, &first, authz);
+            Some((rx, first))
+        }
+        (None, None) => None,
     };
-    let credentials = credentials(&config, &client, &metrics, policy, &shutdown)?;
+    let credentials = credentials(&config, &client, &metrics, policy, &shutdown, feed_creds)?;
     let mut creds_rx = credentials.subscribe();
 
     let upstreams = Arc::new(UpstreamSet::new(
@@ -116,6 +158,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             max_conns: config.limits.upstream_conns,
             ejection: config.ejection,
             policy,
+            instances,
         },
         shutdown.clone(),
     ));
@@ -135,6 +178,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             metrics: &metrics,
             policy,
             shutdown: &shutdown,
+            rbac,
         };
         inbound_addr = Some(wiring.serve_inbound(listener, i, creds_rx.clone())?);
     }
@@ -229,16 +273,14 @@ async fn follow_registration(
     Ok((rx, first))
 }
 
-/// Fills the parts of `config` a listener set decides.
-fn apply_registration(config: &mut Config, set: &ListenerSet) {
+/// Fills the parts of `config` a listener set decides; the public
+/// listener's policy comes from `authz`.
+fn apply_registration(config: &mut Config, set: &ListenerSet, authz: AuthzSource) {
     config.service = set.service.clone();
     config.inbound = set.listen.map(|listen| InboundConfig {
         listen,
         service_addr: set.service_addr.clone(),
-        authz: AuthzSource::Agent {
-            fallback_window: config.authz_fallback_window,
-            recheck_every: config.reauthorize_interval,
-        },
+        authz,
     });
     config.upstreams = set.upstreams.clone();
     if let Some(t) = set.local_connect_timeout {
@@ -257,6 +299,7 @@ fn credentials(
     metrics: &Arc<Metrics>,
     policy: WatchPolicy,
     shutdown: &Shutdown,
+    feed: Option<Receiver<Credentials>>,
 ) -> Result<Arc<Publisher<Credentials>>, StartError> {
     let m = metrics.clone();
     let publisher = Arc::new(Publisher::new().on_publish(move |c: &Credentials, first| {
@@ -268,6 +311,23 @@ fn credentials(
     match (&config.certs, client) {
         (CertSource::Files(c), _) => publisher.publish(c.clone()),
         (CertSource::Agent, None) => return Err(StartError::NoAgent),
+        (CertSource::ControlPlane, _) => {
+            let mut feed = feed.ok_or(StartError::ControlPlane(
+                "no certificate feed from the control plane".into(),
+            ))?;
+            let out = publisher.clone();
+            let halt = shutdown.halt.clone();
+            shutdown.control.spawn(async move {
+                let mut next = feed.ready().await;
+                while let Some(c) = next {
+                    out.publish(c);
+                    next = tokio::select! {
+                        n = feed.changed() => n,
+                        _ = halt.cancelled() => None,
+                    };
+                }
+            });
+        }
         (CertSource::Agent, Some(client)) => {
             shutdown.control.spawn(credentials::credentials(
                 client.clone(),
@@ -363,6 +423,10 @@ mod tests {
             max_conns: None,
             ejection: None,
         };
+        let agent = AuthzSource::Agent {
+            fallback_window: config.authz_fallback_window,
+            recheck_every: config.reauthorize_interval,
+        };
         apply_registration(
             &mut config,
             &ListenerSet {
@@ -373,6 +437,7 @@ mod tests {
                 handshake_timeout: Some(Duration::from_secs(3)),
                 upstreams: vec![db.clone()],
             },
+            agent.clone(),
         );
         assert_eq!(config.service, "api");
         let i = config.inbound.as_ref().expect("public listener");
@@ -400,6 +465,7 @@ mod tests {
                 handshake_timeout: None,
                 upstreams: Vec::new(),
             },
+            agent,
         );
         assert!(no_listener.inbound.is_none(), "port 0: no public listener");
     }

@@ -102,6 +102,9 @@ pub enum AuthzSource {
         /// watch intentions.
         recheck_every: Duration,
     },
+    /// RBAC pushed by a control plane (xDS); open connections a new policy
+    /// denies are closed.
+    ControlPlane,
 }
 
 /// How an upstream's instances are found.
@@ -113,6 +116,8 @@ pub enum Discovery {
     Service { datacenter: Option<String> },
     /// A prepared query executed through the agent.
     Query { datacenter: Option<String> },
+    /// Pushed by a control plane (xDS endpoints), SNI included.
+    ControlPlane,
 }
 
 /// One upstream listener.
@@ -145,6 +150,8 @@ pub enum CertSource {
     Files(Arc<Credentials>),
     /// Watched from the agent; nothing accepts mTLS until they arrive.
     Agent,
+    /// Pushed by a control plane (xDS); nothing accepts mTLS until they arrive.
+    ControlPlane,
 }
 
 /// Everything the proxy needs to run.
@@ -260,6 +267,33 @@ impl Config {
             limits: common.limits,
         };
         Ok((config, warnings))
+    }
+}
+
+impl Config {
+    /// The config of a proxy a control plane (xDS) configures: ferry's own
+    /// operational flags from `args` (timeouts, limits, admin, ejection);
+    /// identity, listeners and certificates come from the control plane.
+    pub fn for_control_plane(args: &ProxyArgs, service: &str) -> Result<Config, ConfigError> {
+        let common = common(args)?;
+        Ok(Config {
+            service: service.to_string(),
+            certs: CertSource::ControlPlane,
+            agent: None,
+            admin: common.admin,
+            register: None,
+            sidecar: None,
+            authz_fallback_window: common.authz_fallback_window,
+            reauthorize_interval: common.reauthorize_interval,
+            inbound: None,
+            upstreams: Vec::new(),
+            timeouts: common.timeouts,
+            upstream_attempts: args.upstream_attempts,
+            ejection: common.ejection,
+            idle_timeout: common.idle_timeout,
+            max_lifetime: common.max_lifetime,
+            limits: common.limits,
+        })
     }
 }
 

@@ -1,0 +1,825 @@
+//! Envoy resources → ferry snapshots, as pure functions.
+//!
+//! Two steps. [`listener`], [`cluster`], [`endpoints`] and [`secret`]
+//! decode and check one resource each: anything outside the L4 subset
+//! Consul emits for `protocol = "tcp"` is an error naming the resource and
+//! field, and the whole response carrying it is refused (NACK). [`assemble`]
+//! then joins the held resources (listener → cluster → endpoints, secrets)
+//! into one [`Assembled`] view; a reference not yet received is
+//! [`Assembly::Warming`] (keep serving the last complete view), never half
+//! a view.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, data_source, socket_address, Address, DataSource, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, rbac, Principal as EnvoyPrincipal,
+};
+use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use rustls::pki_types::ServerName;
+
+use crate::authz::rbac::{NameMatch, Policy, Principal, Rbac, RbacAction, RbacChain};
+use crate::config::{Discovery, UpstreamConfig};
+use crate::control::ListenerSet;
+use crate::proxy::balancer::EjectionPolicy;
+
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const AGGREGATE: &str = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig";
+
+/// The cluster Consul names for the local app.
+pub const LOCAL_APP: &str = "local_app";
+
+/// Certificates as a listener or cluster gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Certs {
+    /// In the resource itself.
+    Inline {
+        chain: String,
+        key: String,
+        roots: String,
+    },
+    /// By SDS secret names (Consul: `connect-leaf`, `connect-root`).
+    Sds { leaf: String, roots: String },
+}
+
+/// A listener ferry serves.
+#[derive(Debug, Clone)]
+pub enum ListenerSpec {
+    /// The public mTLS listener → the local app.
+    Public {
+        addr: SocketAddr,
+        certs: Certs,
+        rbac: RbacChain,
+        cluster: String,
+    },
+    /// A plaintext upstream listener → a cluster.
+    Upstream {
+        id: String,
+        bind: SocketAddr,
+        cluster: String,
+    },
+}
+
+/// How a cluster's hosts are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// Inline addresses (the local app).
+    Static(String),
+    /// Endpoints by EDS under the cluster's name.
+    Eds,
+    /// Failover legs, in order (an aggregate cluster).
+    Aggregate(Vec<String>),
+}
+
+/// Upstream TLS of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub sni: String,
+    /// Exact SPIFFE URIs the server may present (any one).
+    pub sans: Vec<String>,
+    pub certs: Certs,
+}
+
+/// A checked cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub kind: ClusterKind,
+    pub connect_timeout: Option<Duration>,
+    pub max_conns: Option<usize>,
+    pub ejection: Option<EjectionPolicy>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// A checked load assignment: usable (HEALTHY or UNKNOWN) hosts by
+/// priority, lowest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointsSpec(pub BTreeMap<u32, Vec<SocketAddr>>);
+
+/// A checked SDS secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSpec {
+    Leaf { chain: String, key: String },
+    Roots(String),
+}
+
+/// A resource ferry cannot apply exactly; the text is the NACK reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refuse<T>(what: &str, why: impl std::fmt::Display) -> Result<T, Refused> {
+    Err(Refused(format!("{what}: {why}")))
+}
+
+fn decode<M: Message + Default>(any: &Any, want: &str, what: &str) -> Result<M, Refused> {
+    if any.type_url != want {
+        return refuse(what, format_args!("expected {want}, got {}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).or_else(|e| refuse(what, format_args!("cannot decode: {e}")))
+}
+
+fn duration(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> Option<Duration> {
+    d.as_ref().map(|d| {
+        Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
+    })
+}
+
+fn socket_addr(a: &Option<Address>, what: &str) -> Result<SocketAddr, Refused> {
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(s)) => {
+            let port = match s.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => p,
+                _ => return refuse(what, "named ports are not supported"),
+            };
+            let ip = s
+                .address
+                .parse::<std::net::IpAddr>()
+                .or_else(|_| refuse(what, format_args!("{:?} is not an IP address", s.address)))?;
+            let port = u16::try_from(port).or_else(|_| refuse(what, "port out of range"))?;
+            Ok(SocketAddr::new(ip, port))
+        }
+        Some(address::Address::Pipe(_)) => refuse(what, "unix socket addresses are not supported"),
+        _ => refuse(what, "no socket address"),
+    }
+}
+
+/// Decodes and checks one listener.
+pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
+    let l: Listener = decode(any, super::LDS, "listener")?;
+    let what = format!("listener {}", l.name);
+    if l.name.starts_with("outbound_listener:") || l.use_original_dst.is_some_and(|b| b.value) {
+        return refuse(&what, "transparent proxy is not supported");
+    }
+    if !l.listener_filters.is_empty() {
+        return refuse(&what, "listener filters are not supported");
+    }
+    if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
+        return refuse(&what, "filter chain selection is not supported");
+    }
+    let addr = socket_addr(&l.address, &what)?;
+    let [chain] = l.filter_chains.as_slice() else {
+        return refuse(
+            &what,
+            format_args!(
+                "{} filter chains (ferry serves exactly one)",
+                l.filter_chains.len()
+            ),
+        );
+    };
+    if chain.filter_chain_match.is_some() {
+        return refuse(&what, "filter_chain_match is not supported");
+    }
+    let mut rbac = Vec::new();
+    let mut cluster = None;
+    for f in &chain.filters {
+        let fwhat = format!("{what} filter {}", f.name);
+        let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
+            return refuse(&fwhat, "no typed_config");
+        };
+        if cluster.is_some() {
+            return refuse(&fwhat, "tcp_proxy must be the last filter");
+        }
+        match tc.type_url.as_str() {
+            RBAC => rbac.push(rbac_filter(&decode(tc, RBAC, &fwhat)?, &fwhat)?),
+            TCP_PROXY => {
+                let t: TcpProxy = decode(tc, TCP_PROXY, &fwhat)?;
+                match t.cluster_specifier {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => cluster = Some(c),
+                    _ => {
+                        return refuse(&fwhat, "weighted clusters (L7 splitting) are not supported")
+                    }
+                }
+            }
+            HCM => {
+                return refuse(
+                    &fwhat,
+                    "HTTP (http_connection_manager) is not supported: ferry is L4 only",
+                )
+            }
+            other => return refuse(&fwhat, format_args!("unknown filter type {other}")),
+        }
+    }
+    let Some(cluster) = cluster else {
+        return refuse(&what, "no tcp_proxy filter");
+    };
+    let spec = match &chain.transport_socket {
+        Some(ts) => {
+            let ctx: DownstreamTlsContext = transport(ts, DOWNSTREAM_TLS, &what)?;
+            if !ctx.require_client_certificate.is_some_and(|b| b.value) {
+                return refuse(&what, "require_client_certificate must be true");
+            }
+            let Some(common) = &ctx.common_tls_context else {
+                return refuse(&what, "no common_tls_context");
+            };
+            let certs = certs(common, &what)?;
+            ListenerSpec::Public {
+                addr,
+                certs,
+                rbac: RbacChain(rbac),
+                cluster,
+            }
+        }
+        None => {
+            if !rbac.is_empty() {
+                return refuse(&what, "RBAC on a plaintext listener is not supported");
+            }
+            ListenerSpec::Upstream {
+                id: upstream_id(&l.name),
+                bind: addr,
+                cluster,
+            }
+        }
+    };
+    Ok((l.name, spec))
+}
+
+/// `db:127.0.0.1:9191` → `db`; a name without an address suffix is kept.
+fn upstream_id(name: &str) -> String {
+    let mut parts = name.rsplitn(3, ':');
+    let (port, ip, rest) = (parts.next(), parts.next(), parts.next());
+    match (port, ip, rest) {
+        (Some(p), Some(ip), Some(rest))
+            if p.parse::<u16>().is_ok() && ip.parse::<std::net::IpAddr>().is_ok() =>
+        {
+            rest.to_string()
+        }
+        _ => name.to_string(),
+    }
+}
+
+fn transport<M: Message + Default>(
+    ts: &TransportSocket,
+    want: &str,
+    what: &str,
+) -> Result<M, Refused> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(tc)) => decode(tc, want, &format!("{what} transport_socket")),
+        None => refuse(what, "transport_socket without typed_config"),
+    }
+}
+
+fn inline(d: &Option<DataSource>, what: &str) -> Result<String, Refused> {
+    match d.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
+        Some(data_source::Specifier::InlineBytes(b)) => {
+            String::from_utf8(b.clone()).or_else(|_| refuse(what, "inline_bytes is not PEM text"))
+        }
+        Some(data_source::Specifier::Filename(_)) => refuse(
+            what,
+            "certificate files are not supported (inline or SDS only)",
+        ),
+        _ => refuse(what, "missing"),
+    }
+}
+
+fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
+    if let Some(p) = &c.tls_params {
+        if !p.cipher_suites.is_empty()
+            || p.tls_minimum_protocol_version != 0
+            || p.tls_maximum_protocol_version != 0
+        {
+            return refuse(
+                what,
+                "tls_params (versions, cipher suites) are not supported",
+            );
+        }
+    }
+    match (
+        &c.tls_certificates[..],
+        &c.tls_certificate_sds_secret_configs[..],
+        &c.validation_context_type,
+    ) {
+        ([cert], [], Some(common_tls_context::ValidationContextType::ValidationContext(v))) => {
+            Ok(Certs::Inline {
+                chain: inline(
+                    &cert.certificate_chain,
+                    &format!("{what} certificate_chain"),
+                )?,
+                key: inline(&cert.private_key, &format!("{what} private_key"))?,
+                roots: inline(&v.trusted_ca, &format!("{what} trusted_ca"))?,
+            })
+        }
+        (
+            [],
+            [leaf],
+            Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(r)),
+        ) => Ok(Certs::Sds {
+            leaf: leaf.name.clone(),
+            roots: r.name.clone(),
+        }),
+        _ => refuse(
+            what,
+            "expected one inline certificate with inline roots, or SDS leaf and roots",
+        ),
+    }
+}
+
+fn string_match(m: &Option<StringMatcher>, what: &str) -> Result<NameMatch, Refused> {
+    let Some(m) = m else {
+        return refuse(what, "principal_name missing");
+    };
+    if m.ignore_case {
+        return refuse(what, "ignore_case is not supported");
+    }
+    Ok(match &m.match_pattern {
+        Some(string_matcher::MatchPattern::Exact(s)) => NameMatch::Exact(s.clone()),
+        Some(string_matcher::MatchPattern::Prefix(s)) => NameMatch::Prefix(s.clone()),
+        Some(string_matcher::MatchPattern::Suffix(s)) => NameMatch::Suffix(s.clone()),
+        Some(string_matcher::MatchPattern::Contains(s)) => NameMatch::Contains(s.clone()),
+        Some(string_matcher::MatchPattern::SafeRegex(r)) => {
+            NameMatch::regex(&r.regex).or_else(|e| refuse(what, e))?
+        }
+        _ => return refuse(what, "unsupported string matcher"),
+    })
+}
+
+fn principal(p: &EnvoyPrincipal, what: &str, depth: usize) -> Result<Principal, Refused> {
+    if depth > 16 {
+        return refuse(what, "principals nested too deeply");
+    }
+    Ok(match &p.identifier {
+        Some(principal::Identifier::Any(true)) => Principal::Any,
+        Some(principal::Identifier::Authenticated(a)) => {
+            Principal::Authenticated(string_match(&a.principal_name, what)?)
+        }
+        Some(principal::Identifier::AndIds(s)) => Principal::And(
+            s.ids.iter().map(|p| principal(p, what, depth + 1)).collect::<Result<_, _>>()?,
+        ),
+        Some(principal::Identifier::OrIds(s)) => Principal::Or(
+            s.ids.iter().map(|p| principal(p, what, depth + 1)).collect::<Result<_, _>>()?,
+        ),
+        Some(principal::Identifier::NotId(p)) => Principal::Not(Box::new(principal(p, what, depth + 1)?)),
+        _ => return refuse(what, "only authenticated, any, and/or/not principals are supported (no IP or header principals)"),
+    })
+}
+
+fn rbac_filter(f: &RbacFilter, what: &str) -> Result<Rbac, Refused> {
+    if f.matcher.is_some() || f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
+        return refuse(what, "RBAC matcher and shadow rules are not supported");
+    }
+    let Some(rules) = &f.rules else {
+        return Ok(Rbac { rules: None });
+    };
+    let action = match rbac::Action::try_from(rules.action) {
+        Ok(rbac::Action::Allow) => RbacAction::Allow,
+        Ok(rbac::Action::Deny) => RbacAction::Deny,
+        _ => return refuse(what, "only ALLOW and DENY actions are supported"),
+    };
+    let mut policies = Vec::new();
+    // A map on the wire; sorted by name for a stable first match.
+    let names: BTreeSet<&String> = rules.policies.keys().collect();
+    for name in names {
+        let p = &rules.policies[name];
+        let pwhat = format!("{what} policy {name}");
+        if p.condition.is_some() || p.checked_condition.is_some() {
+            return refuse(&pwhat, "conditions are not supported");
+        }
+        let any = p
+            .permissions
+            .iter()
+            .all(|perm| matches!(perm.rule, Some(permission::Rule::Any(true))));
+        if !any || p.permissions.is_empty() {
+            return refuse(
+                &pwhat,
+                "only `any` permissions are supported (L7 permissions are not)",
+            );
+        }
+        policies.push(Policy {
+            name: name.clone(),
+            principals: p
+                .principals
+                .iter()
+                .map(|pr| principal(pr, &pwhat, 0))
+                .collect::<Result<_, _>>()?,
+        });
+    }
+    Ok(Rbac {
+        rules: Some((action, policies)),
+    })
+}
+
+/// Decodes and checks one cluster.
+pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
+    let c: Cluster = decode(any, super::CDS, "cluster")?;
+    let what = format!("cluster {}", c.name);
+    let kind =
+        match &c.cluster_discovery_type {
+            Some(cluster::ClusterDiscoveryType::ClusterType(t)) => match &t.typed_config {
+                Some(tc) if tc.type_url == AGGREGATE => {
+                    let a: AggregateConfig = decode(tc, AGGREGATE, &what)?;
+                    if a.clusters.is_empty() {
+                        return refuse(&what, "aggregate cluster without clusters");
+                    }
+                    ClusterKind::Aggregate(a.clusters)
+                }
+                _ => {
+                    return refuse(
+                        &what,
+                        format_args!("cluster type {} is not supported", t.name),
+                    )
+                }
+            },
+            Some(cluster::ClusterDiscoveryType::Type(t)) => {
+                match cluster::DiscoveryType::try_from(*t) {
+                    Ok(cluster::DiscoveryType::Eds) => ClusterKind::Eds,
+                    Ok(cluster::DiscoveryType::Static) => {
+                        let hosts: Vec<_> = c
+                            .load_assignment
+                            .iter()
+                            .flat_map(|la| &la.endpoints)
+                            .flat_map(|e| &e.lb_endpoints)
+                            .collect();
+                        let [host] = hosts.as_slice() else {
+                            return refuse(&what, "a static cluster must have exactly one host");
+                        };
+                        let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &host.host_identifier
+                        else {
+                            return refuse(&what, "no endpoint address");
+                        };
+                        ClusterKind::Static(socket_addr(&e.address, &what)?.to_string())
+                    }
+                    Ok(other) => return refuse(
+                        &what,
+                        format_args!(
+                            "discovery type {} is not supported (EDS, STATIC or aggregate only)",
+                            other.as_str_name()
+                        ),
+                    ),
+                    Err(_) => return refuse(&what, "unknown discovery type"),
+                }
+            }
+            None => ClusterKind::Eds,
+        };
+    let max_conns = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.first())
+        .and_then(|t| t.max_connections)
+        .map(|v| v.value as usize);
+    let ejection = c.outlier_detection.as_ref().map(|o| EjectionPolicy {
+        // Envoy's defaults: 5 consecutive failures, 30 s base ejection.
+        after_failures: o.consecutive_5xx.map_or(5, |v| v.value),
+        duration: duration(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+    });
+    let tls = match &c.transport_socket {
+        Some(ts) => {
+            let ctx: UpstreamTlsContext = transport(ts, UPSTREAM_TLS, &what)?;
+            let Some(common) = &ctx.common_tls_context else {
+                return refuse(&what, "no common_tls_context");
+            };
+            let certs = certs(common, &what)?;
+            let sans = match &common.validation_context_type {
+                Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
+                    let mut sans = Vec::new();
+                    // Deprecated in Envoy, but what released Consul sends.
+                    #[allow(deprecated)]
+                    let legacy = &v.match_subject_alt_names;
+                    for m in legacy {
+                        match &m.match_pattern {
+                            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => {
+                                sans.push(s.clone())
+                            }
+                            _ => return refuse(&what, "only exact SAN matchers are supported"),
+                        }
+                    }
+                    for m in &v.match_typed_subject_alt_names {
+                        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+                            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
+                            _ => return refuse(&what, "only exact SAN matchers are supported"),
+                        }
+                    }
+                    sans
+                }
+                _ => Vec::new(),
+            };
+            if sans.is_empty() {
+                return refuse(&what, "upstream TLS without a SAN matcher (ferry always verifies the server's identity)");
+            }
+            if ServerName::try_from(ctx.sni.clone()).is_err() {
+                return refuse(&what, format_args!("sni {:?} is not a DNS name", ctx.sni));
+            }
+            Some(UpstreamTls {
+                sni: ctx.sni,
+                sans,
+                certs,
+            })
+        }
+        None => None,
+    };
+    if tls.is_none() && kind == ClusterKind::Eds {
+        return refuse(
+            &what,
+            "an EDS cluster without upstream TLS is not a mesh upstream",
+        );
+    }
+    Ok((
+        c.name,
+        ClusterSpec {
+            kind,
+            connect_timeout: duration(&c.connect_timeout),
+            max_conns,
+            ejection,
+            tls,
+        },
+    ))
+}
+
+/// Decodes and checks one load assignment.
+pub fn endpoints(any: &Any) -> Result<(String, EndpointsSpec), Refused> {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    let cla: ClusterLoadAssignment = decode(any, super::EDS, "endpoints")?;
+    let what = format!("endpoints {}", cla.cluster_name);
+    let mut by_priority: BTreeMap<u32, Vec<SocketAddr>> = BTreeMap::new();
+    for group in &cla.endpoints {
+        for e in &group.lb_endpoints {
+            let usable = matches!(
+                HealthStatus::try_from(e.health_status),
+                Ok(HealthStatus::Healthy | HealthStatus::Unknown)
+            );
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return refuse(&what, "named endpoints are not supported");
+            };
+            let addr = socket_addr(&ep.address, &what)?;
+            let hosts = by_priority.entry(group.priority).or_default();
+            if usable {
+                hosts.push(addr);
+            }
+        }
+    }
+    Ok((cla.cluster_name, EndpointsSpec(by_priority)))
+}
+
+/// Decodes and checks one secret.
+pub fn secret(any: &Any) -> Result<(String, SecretSpec), Refused> {
+    let s: Secret = decode(any, super::SDS, "secret")?;
+    let what = format!("secret {}", s.name);
+    let spec = match &s.r#type {
+        Some(secret::Type::TlsCertificate(c)) => SecretSpec::Leaf {
+            chain: inline(&c.certificate_chain, &format!("{what} certificate_chain"))?,
+            key: inline(&c.private_key, &format!("{what} private_key"))?,
+        },
+        Some(secret::Type::ValidationContext(v)) => {
+            SecretSpec::Roots(inline(&v.trusted_ca, &format!("{what} trusted_ca"))?)
+        }
+        _ => {
+            return refuse(
+                &what,
+                "only TLS certificates and validation contexts are supported",
+            )
+        }
+    };
+    Ok((s.name, spec))
+}
+
+/// Every resource held, checked, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    pub listeners: BTreeMap<String, ListenerSpec>,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    pub endpoints: BTreeMap<String, EndpointsSpec>,
+    pub secrets: BTreeMap<String, SecretSpec>,
+}
+
+pub use crate::control::Instances;
+
+/// One complete view of what to serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    pub listeners: ListenerSet,
+    /// Leaf chain, key, roots.
+    pub pem: (String, String, String),
+    pub rbac: Vec<String>,
+    pub instances: Instances,
+    /// Per upstream, the exact server identities to accept.
+    pub expected: HashMap<String, Vec<String>>,
+}
+
+/// The outcome of joining the held resources.
+#[derive(Debug)]
+pub enum Assembly {
+    /// Complete: serve it.
+    Ready(Box<Assembled>, RbacChain),
+    /// A referenced resource has not arrived yet.
+    Warming(String),
+}
+
+impl Held {
+    /// The EDS names the clusters need, and the SDS names listeners and
+    /// clusters refer to.
+    pub fn wanted(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut eds = BTreeSet::new();
+        let mut sds = BTreeSet::new();
+        for (name, c) in &self.clusters {
+            if c.kind == ClusterKind::Eds {
+                eds.insert(name.clone());
+            }
+            if let Some(UpstreamTls {
+                certs: Certs::Sds { leaf, roots },
+                ..
+            }) = &c.tls
+            {
+                sds.insert(leaf.clone());
+                sds.insert(roots.clone());
+            }
+        }
+        for l in self.listeners.values() {
+            if let ListenerSpec::Public {
+                certs: Certs::Sds { leaf, roots },
+                ..
+            } = l
+            {
+                sds.insert(leaf.clone());
+                sds.insert(roots.clone());
+            }
+        }
+        (eds, sds)
+    }
+
+    fn pem(&self, certs: &Certs) -> Result<(String, String, String), String> {
+        match certs {
+            Certs::Inline { chain, key, roots } => Ok((chain.clone(), key.clone(), roots.clone())),
+            Certs::Sds { leaf, roots } => {
+                let (chain, key) = match self.secrets.get(leaf) {
+                    Some(SecretSpec::Leaf { chain, key }) => (chain.clone(), key.clone()),
+                    Some(_) => return Err(format!("secret {leaf} is not a certificate")),
+                    None => return Err(format!("waiting for secret {leaf}")),
+                };
+                match self.secrets.get(roots) {
+                    Some(SecretSpec::Roots(r)) => Ok((chain, key, r.clone())),
+                    Some(_) => Err(format!("secret {roots} is not a validation context")),
+                    None => Err(format!("waiting for secret {roots}")),
+                }
+            }
+        }
+    }
+
+    /// Joins everything held into one view for `service`.
+    pub fn assemble(&self, service: &str) -> Assembly {
+        let mut listen = None;
+        let mut service_addr = String::new();
+        let mut local_connect_timeout = None;
+        let mut pem = None;
+        let mut rbac = RbacChain::default();
+        let mut upstreams = Vec::new();
+        let mut instances = Instances::new();
+        let mut expected = HashMap::new();
+        for (name, l) in &self.listeners {
+            match l {
+                ListenerSpec::Public {
+                    addr,
+                    certs,
+                    rbac: r,
+                    cluster,
+                } => {
+                    let Some(c) = self.clusters.get(cluster) else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: waiting for cluster {cluster}"
+                        ));
+                    };
+                    let ClusterKind::Static(app) = &c.kind else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: cluster {cluster} is not a static local app"
+                        ));
+                    };
+                    match self.pem(certs) {
+                        Ok(p) => pem = Some(p),
+                        Err(why) => return Assembly::Warming(format!("listener {name}: {why}")),
+                    }
+                    listen = Some(*addr);
+                    service_addr = app.clone();
+                    local_connect_timeout = c.connect_timeout;
+                    rbac = r.clone();
+                }
+                ListenerSpec::Upstream { id, bind, cluster } => {
+                    let Some(c) = self.clusters.get(cluster) else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: waiting for cluster {cluster}"
+                        ));
+                    };
+                    // The legs to try, in order: the cluster itself, or an
+                    // aggregate's clusters; the first priority group of the
+                    // first leg that has usable hosts serves.
+                    let legs: Vec<&String> = match &c.kind {
+                        ClusterKind::Aggregate(legs) => legs.iter().collect(),
+                        _ => vec![cluster],
+                    };
+                    let mut chosen = Vec::new();
+                    let mut sans = Vec::new();
+                    let mut first_tls = None;
+                    for leg in legs {
+                        let Some(lc) = self.clusters.get(leg) else {
+                            return Assembly::Warming(format!(
+                                "cluster {cluster}: waiting for leg {leg}"
+                            ));
+                        };
+                        let Some(tls) = &lc.tls else {
+                            return Assembly::Warming(format!("cluster {leg}: no upstream TLS"));
+                        };
+                        if first_tls.is_none() {
+                            first_tls = Some(tls.clone());
+                        }
+                        let Some(eps) = self.endpoints.get(leg) else {
+                            return Assembly::Warming(format!(
+                                "cluster {leg}: waiting for endpoints"
+                            ));
+                        };
+                        if !chosen.is_empty() {
+                            continue;
+                        }
+                        if let Some(hosts) = eps.0.values().find(|h| !h.is_empty()) {
+                            let sni = ServerName::try_from(tls.sni.clone())
+                                .unwrap_or_else(|_| ServerName::IpAddress(hosts[0].ip().into()));
+                            chosen = hosts.iter().map(|a| (*a, sni.clone())).collect();
+                            sans = tls.sans.clone();
+                        }
+                    }
+                    if pem.is_none() {
+                        if let Some(t) = &first_tls {
+                            match self.pem(&t.certs) {
+                                Ok(p) => pem = Some(p),
+                                Err(why) => {
+                                    return Assembly::Warming(format!("cluster {cluster}: {why}"))
+                                }
+                            }
+                        }
+                    }
+                    if sans.is_empty() {
+                        if let Some(t) = &first_tls {
+                            sans = t.sans.clone();
+                        }
+                    }
+                    instances.insert(id.clone(), chosen);
+                    expected.insert(id.clone(), sans);
+                    upstreams.push(UpstreamConfig {
+                        name: id.clone(),
+                        bind: *bind,
+                        discovery: Discovery::ControlPlane,
+                        deadline: c.connect_timeout,
+                        max_conns: c.max_conns,
+                        ejection: c.ejection,
+                    });
+                }
+            }
+        }
+        let Some(pem) = pem else {
+            return Assembly::Warming("no listener or cluster carries certificates yet".into());
+        };
+        let rbac_text = vec![format!("{rbac:?}")];
+        Assembly::Ready(
+            Box::new(Assembled {
+                listeners: ListenerSet {
+                    service: service.to_string(),
+                    listen,
+                    service_addr,
+                    local_connect_timeout,
+                    handshake_timeout: None,
+                    upstreams,
+                },
+                pem,
+                rbac: rbac_text,
+                instances,
+                expected,
+            }),
+            rbac,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_drop_the_address_suffix_only() {
+        assert_eq!(upstream_id("db:127.0.0.1:9191"), "db");
+        assert_eq!(
+            upstream_id("prepared_query:geo:127.0.0.1:9192"),
+            "prepared_query:geo"
+        );
+        assert_eq!(upstream_id("db"), "db");
+        assert_eq!(upstream_id("a:b:c"), "a:b:c");
+    }
+}
