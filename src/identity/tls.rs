@@ -536,7 +536,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             ),
             Expected::Exact(uris) => {
                 let found = peer.id.to_string();
-                (uris.iter().any(|u| *u == found), uris.join(" or "))
+                (uris.contains(&found), uris.join(" or "))
             }
         };
         if !ok {

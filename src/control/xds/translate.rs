@@ -425,54 +425,55 @@ fn rbac_filter(f: &RbacFilter, what: &str) -> Result<Rbac, Refused> {
 pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
     let c: Cluster = decode(any, super::CDS, "cluster")?;
     let what = format!("cluster {}", c.name);
-    let kind =
-        match &c.cluster_discovery_type {
-            Some(cluster::ClusterDiscoveryType::ClusterType(t)) => match &t.typed_config {
-                Some(tc) if tc.type_url == AGGREGATE => {
-                    let a: AggregateConfig = decode(tc, AGGREGATE, &what)?;
-                    if a.clusters.is_empty() {
-                        return refuse(&what, "aggregate cluster without clusters");
-                    }
-                    ClusterKind::Aggregate(a.clusters)
+    let kind = match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::ClusterType(t)) => match &t.typed_config {
+            Some(tc) if tc.type_url == AGGREGATE => {
+                let a: AggregateConfig = decode(tc, AGGREGATE, &what)?;
+                if a.clusters.is_empty() {
+                    return refuse(&what, "aggregate cluster without clusters");
                 }
-                _ => {
+                ClusterKind::Aggregate(a.clusters)
+            }
+            _ => {
+                return refuse(
+                    &what,
+                    format_args!("cluster type {} is not supported", t.name),
+                )
+            }
+        },
+        Some(cluster::ClusterDiscoveryType::Type(t)) => {
+            match cluster::DiscoveryType::try_from(*t) {
+                Ok(cluster::DiscoveryType::Eds) => ClusterKind::Eds,
+                Ok(cluster::DiscoveryType::Static) => {
+                    let hosts: Vec<_> = c
+                        .load_assignment
+                        .iter()
+                        .flat_map(|la| &la.endpoints)
+                        .flat_map(|e| &e.lb_endpoints)
+                        .collect();
+                    let [host] = hosts.as_slice() else {
+                        return refuse(&what, "a static cluster must have exactly one host");
+                    };
+                    let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &host.host_identifier
+                    else {
+                        return refuse(&what, "no endpoint address");
+                    };
+                    ClusterKind::Static(socket_addr(&e.address, &what)?.to_string())
+                }
+                Ok(other) => {
                     return refuse(
-                        &what,
-                        format_args!("cluster type {} is not supported", t.name),
-                    )
-                }
-            },
-            Some(cluster::ClusterDiscoveryType::Type(t)) => {
-                match cluster::DiscoveryType::try_from(*t) {
-                    Ok(cluster::DiscoveryType::Eds) => ClusterKind::Eds,
-                    Ok(cluster::DiscoveryType::Static) => {
-                        let hosts: Vec<_> = c
-                            .load_assignment
-                            .iter()
-                            .flat_map(|la| &la.endpoints)
-                            .flat_map(|e| &e.lb_endpoints)
-                            .collect();
-                        let [host] = hosts.as_slice() else {
-                            return refuse(&what, "a static cluster must have exactly one host");
-                        };
-                        let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &host.host_identifier
-                        else {
-                            return refuse(&what, "no endpoint address");
-                        };
-                        ClusterKind::Static(socket_addr(&e.address, &what)?.to_string())
-                    }
-                    Ok(other) => return refuse(
                         &what,
                         format_args!(
                             "discovery type {} is not supported (EDS, STATIC or aggregate only)",
                             other.as_str_name()
                         ),
-                    ),
-                    Err(_) => return refuse(&what, "unknown discovery type"),
+                    )
                 }
+                Err(_) => return refuse(&what, "unknown discovery type"),
             }
-            None => ClusterKind::Eds,
-        };
+        }
+        None => ClusterKind::Eds,
+    };
     let max_conns = c
         .circuit_breakers
         .as_ref()
