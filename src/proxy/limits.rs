@@ -21,7 +21,7 @@ use crate::ops::metrics::Counter;
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Counts events of a burst and says when to log them: at the first, then
-/// at most every [`LOG_EVERY`] with the count since the last line.
+/// at most every `LOG_EVERY` with the count since the last line.
 #[derive(Default)]
 pub struct BurstLog {
     /// Events not yet reported in a log line.

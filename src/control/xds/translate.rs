@@ -1,9 +1,9 @@
 //! Envoy resources → ferry snapshots, as pure functions.
 //!
-//! Two steps. [`listener`], [`cluster`], [`endpoints`] and [`secret`]
+//! Two steps. [`listener()`], [`cluster()`], [`endpoints()`] and [`secret()`]
 //! decode and check one resource each: anything outside the L4 subset
 //! Consul emits for `protocol = "tcp"` is an error naming the resource and
-//! field, and the whole response carrying it is refused (NACK). [`assemble`]
+//! field, and the whole response carrying it is refused (NACK). [`Held::assemble`]
 //! then joins the held resources (listener → cluster → endpoints, secrets)
 //! into one [`Assembled`] view; a reference not yet received is
 //! [`Assembly::Warming`] (keep serving the last complete view), never half
