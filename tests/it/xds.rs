@@ -102,7 +102,9 @@ impl Sidecar {
 
 /// Whether a mesh connection from `leaf` is refused (no echo).
 async fn refused(addr: SocketAddr, leaf: &Leaf) -> bool {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let Ok(tcp) = TcpStream::connect(addr).await else {
+        return true; // not listening (yet)
+    };
     match within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp)).await {
         Err(_) => true,
         Ok(mut t) => round_trip(&mut t, b"hello?")
@@ -651,4 +653,104 @@ async fn circuit_breaker_max_connections_caps_an_upstream() {
         !upstream_refused(bind).await
     })
     .await;
+}
+
+/// A real Envoy configured by an ADS server through a bootstrap in
+/// Consul's shape (the oracle for what ferry decides).
+struct XdsEnvoy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl XdsEnvoy {
+    fn start(ads: &Ads, service: &str) -> XdsEnvoy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bootstrap.json");
+        std::fs::write(&path, ads::bootstrap(ads.addr, service, "").to_string()).expect("write");
+        let child = std::process::Command::new(crate::support::envoy::binary())
+            .args(["-c", &path.display().to_string(), "-l", "error"])
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        XdsEnvoy { child, _dir: dir }
+    }
+}
+
+impl Drop for XdsEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Who a public listener lets through, per source leaf.
+async fn decisions(addr: SocketAddr, sources: &[(&str, &Leaf)]) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for (name, leaf) in sources {
+        out.push((name.to_string(), !refused(addr, leaf).await));
+    }
+    out
+}
+
+#[tokio::test]
+async fn envoy_and_ferry_decide_the_same_for_the_same_rbac() {
+    // Two ADS servers with the same resources but each proxy's own port.
+    let s = Sidecar::new(Intentions::DefaultDeny(vec!["api".into()])).await;
+    let e = Sidecar::new(Intentions::DefaultDeny(vec!["api".into()])).await;
+    // Envoy's sidecar uses the same CA as ferry's, so one set of clients.
+    let e = Sidecar {
+        web: s.web.clone(),
+        ..e
+    };
+    let pki = &s.pki;
+    let web_for_envoy = Tls::Inline {
+        leaf: s.web.clone(),
+        roots: pki.ca.cert_pem().to_string(),
+    };
+    let ferry = s.start().await;
+    let _envoy = XdsEnvoy::start(&e.ads, "web");
+    let api = pki.leaf("api");
+    let evil = pki.leaf("evil");
+    let other = pki.leaf("other");
+    let sources = [("api", &api), ("evil", &evil), ("other", &other)];
+    let ferry_addr = ferry.inbound.expect("public");
+    // (intentions, whether api, evil, other pass), by Consul's semantics.
+    let cases = [
+        (
+            Intentions::DefaultDeny(vec!["api".into()]),
+            [true, false, false],
+        ),
+        (
+            Intentions::DefaultAllow(vec!["evil".into()]),
+            [true, false, true],
+        ),
+        (Intentions::DefaultDeny(Vec::new()), [false, false, false]),
+    ];
+    for (intentions, pass) in cases {
+        s.set_public(&s.inline(&s.web), &intentions);
+        let (name, l) =
+            ads::public_listener(e.public, &web_for_envoy, pki.trust_domain(), &intentions);
+        e.ads.set(LDS, &name, l);
+        let want: Vec<(String, bool)> = sources
+            .iter()
+            .zip(pass)
+            .map(|((n, _), p)| (n.to_string(), p))
+            .collect();
+        eventually_async("Envoy to decide as expected", || async {
+            decisions(e.public, &sources).await == want
+        })
+        .await;
+        eventually_async("ferry to decide as Envoy does", || async {
+            decisions(ferry_addr, &sources).await == want
+        })
+        .await;
+    }
+    assert!(
+        e.ads.replies().iter().all(|r| r.error.is_none()),
+        "Envoy accepted every resource: {:?}",
+        e.ads.replies()
+    );
 }

@@ -279,7 +279,9 @@ impl Ads {
         let first = !subs.contains_key(&req.type_url);
         let sub = subs.entry(req.type_url.clone()).or_default();
         if first {
-            sub.wildcard = req.resource_names_subscribe.is_empty();
+            // Consul: no names = wildcard. Envoy may also say "*".
+            sub.wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
             if !req.initial_resource_versions.is_empty() {
                 inner
                     .resumed
@@ -292,7 +294,7 @@ impl Ads {
                 }
             }
         }
-        for n in &req.resource_names_subscribe {
+        for n in req.resource_names_subscribe.iter().filter(|n| *n != "*") {
             sub.names.insert(n.clone());
             sub.sent.remove(n);
         }
