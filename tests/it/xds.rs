@@ -754,3 +754,74 @@ async fn envoy_and_ferry_decide_the_same_for_the_same_rbac() {
         e.ads.replies()
     );
 }
+
+#[tokio::test]
+async fn a_prepared_query_upstream_accepts_any_datacenter_its_cluster_names() {
+    // `clusters/connect-proxy-with-prepared-query*`-style: one SAN per
+    // datacenter the query may answer from; the endpoints span both.
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let dc2_leaf = s
+        .pki
+        .ca
+        .leaf("geo-db", "dc2", Duration::from_secs(3600))
+        .expect("dc2 leaf");
+    let dc2 = SniServer::start(&s.pki, &dc2_leaf).await;
+    let cluster = format!("geo-db.default.dc1.query.{}", s.pki.trust_domain());
+    let sans = [
+        s.pki.ca.spiffe_uri("dc1", "geo-db"),
+        s.pki.ca.spiffe_uri("dc2", "geo-db"),
+    ];
+    s.ads.set(
+        CDS,
+        &cluster,
+        ads::eds_cluster(
+            &cluster,
+            &cluster,
+            &sans,
+            &s.inline(&s.web),
+            &ClusterOpts::default(),
+        ),
+    );
+    s.ads.set(
+        EDS,
+        &cluster,
+        ads::cla(&cluster, &[(0, dc2.addr, ads::HEALTHY)]),
+    );
+    let bind = dead_addr().await;
+    let (name, l) = ads::upstream_listener("prepared_query:geo-db", bind, &cluster);
+    s.ads.set(LDS, &name, l);
+    let ferry = s.start().await;
+    assert_eq!(ferry.upstream("prepared_query:geo-db"), Some(bind));
+    assert_echo(bind, b"answered from dc2").await;
+    assert_eq!(
+        dc2.snis.lock().unwrap()[0].as_deref(),
+        Some(cluster.as_str())
+    );
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_a_failing_instance() {
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let db = s.pki.leaf("db");
+    let good = SniServer::start(&s.pki, &db).await;
+    let dead = dead_addr().await;
+    let opts = ClusterOpts {
+        max_connections: None,
+        outlier: Some((1, Duration::from_secs(60))),
+    };
+    let hosts = [(0, dead, ads::HEALTHY), (0, good.addr, ads::HEALTHY)];
+    let bind = add_db(&s, "db", "db", &opts, &hosts).await;
+    let ferry = s.start().await;
+    for _ in 0..2 {
+        assert_echo(bind, b"past the dead one").await;
+    }
+    let states = ferry.instances("db").expect("db");
+    let d = states
+        .iter()
+        .find(|i| i.addr == dead)
+        .expect("dead instance");
+    assert!(
+        d.ejected,
+        "one failure ejects (consecutive_5xx 1): {states:?}"
+    );
+}
