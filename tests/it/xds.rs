@@ -506,6 +506,23 @@ async fn a_bad_resource_is_nacked_with_a_reason_and_the_last_good_state_serves()
         })
         .await;
     echo_once(&mut c, b"still serving").await;
+    // A listener whose leaf names another service: the certificates do not
+    // validate for `web`, so the listener is refused whole.
+    let before = s.ads.replies().iter().filter(|r| r.error.is_some()).count();
+    s.ads.remove(LDS, "web-http:127.0.0.1:1");
+    let evil = s.pki.leaf("evil");
+    s.set_public(&s.inline(&evil), &Intentions::DefaultAllow(Vec::new()));
+    eventually("a NACK of the certificates", || {
+        s.ads.replies().iter().filter(|r| r.error.is_some()).count() > before
+            && s.ads.replies().iter().any(|r| {
+                r.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("certificates"))
+            })
+    })
+    .await;
+    let fresh = mesh_conn(addr, &api).await;
+    assert_eq!(serial(&fresh), serial(&c), "still the last good leaf");
     assert!(!refused(addr, &api).await);
 }
 

@@ -812,6 +812,144 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+
+    fn any_of<M: Message + prost::Name>(m: &M) -> Any {
+        Any {
+            type_url: M::type_url(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn addr() -> Option<Address> {
+        Some(Address {
+            address: Some(address::Address::SocketAddress(
+                envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(9191)),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+
+    fn listener_with(name: &str, filter: Any) -> Any {
+        any_of(&Listener {
+            name: name.into(),
+            address: addr(),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "f".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(filter)),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn tcp(cluster: &str) -> Any {
+        any_of(&TcpProxy {
+            stat_prefix: "s".into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_upstream_listener_names_its_cluster() {
+        let (name, spec) = listener(&listener_with("db:127.0.0.1:9191", tcp("db.c"))).unwrap();
+        assert_eq!(name, "db:127.0.0.1:9191");
+        assert!(
+            matches!(spec, ListenerSpec::Upstream { ref id, ref cluster, .. } if id == "db" && cluster == "db.c")
+        );
+    }
+
+    #[test]
+    fn l7_transparent_proxy_and_unknown_filters_are_refused_with_a_reason() {
+        let hcm = Any {
+            type_url: HCM.into(),
+            value: Vec::new(),
+        };
+        let e = listener(&listener_with("web:127.0.0.1:1", hcm)).unwrap_err();
+        assert!(e.0.contains("http_connection_manager"), "{e}");
+        let e = listener(&listener_with(
+            "outbound_listener:127.0.0.1:15001",
+            tcp("x"),
+        ))
+        .unwrap_err();
+        assert!(e.0.contains("transparent proxy"), "{e}");
+        let odd = Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz"
+                .into(),
+            value: Vec::new(),
+        };
+        let e = listener(&listener_with("x:127.0.0.1:1", odd)).unwrap_err();
+        assert!(e.0.contains("unknown filter type"), "{e}");
+        let wrong = Any {
+            type_url: CDS_URL.into(),
+            value: Vec::new(),
+        };
+        assert!(listener(&wrong).unwrap_err().0.contains("expected"));
+    }
+
+    const CDS_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    #[test]
+    fn dns_clusters_and_eds_clusters_without_tls_are_refused() {
+        let dns = any_of(&Cluster {
+            name: "term".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32,
+            )),
+            ..Default::default()
+        });
+        assert!(cluster(&dns).unwrap_err().0.contains("STRICT_DNS"));
+        let plain = any_of(&Cluster {
+            name: "db".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            ..Default::default()
+        });
+        assert!(cluster(&plain)
+            .unwrap_err()
+            .0
+            .contains("without upstream TLS"));
+    }
+
+    #[test]
+    fn only_healthy_or_unknown_hosts_are_used_grouped_by_priority() {
+        use envoy_types::pb::envoy::config::endpoint::v3::{
+            Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        let host = |health| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: addr(),
+                ..Default::default()
+            })),
+            health_status: health,
+            ..Default::default()
+        };
+        let cla = any_of(&ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            endpoints: vec![
+                LocalityLbEndpoints {
+                    lb_endpoints: vec![host(2), host(3)],
+                    ..Default::default()
+                },
+                LocalityLbEndpoints {
+                    priority: 1,
+                    lb_endpoints: vec![host(0), host(1)],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let (_, e) = endpoints(&cla).unwrap();
+        assert_eq!(e.0[&0].len(), 0, "UNHEALTHY and DRAINING are not used");
+        assert_eq!(e.0[&1].len(), 2, "UNKNOWN and HEALTHY are");
+    }
 
     #[test]
     fn upstream_ids_drop_the_address_suffix_only() {
