@@ -842,3 +842,42 @@ async fn outlier_detection_ejects_a_failing_instance() {
         "one failure ejects (consecutive_5xx 1): {states:?}"
     );
 }
+
+#[tokio::test]
+async fn the_agent_over_nomads_unix_socket() {
+    // Nomad's bridge mode: the bootstrap's local_agent is a `pipe`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("consul_grpc.sock");
+    let ads = Ads::start_unix(&sock).await;
+    let pki = Pki::new();
+    let web = pki.leaf("web");
+    let app = EchoServer::start().await;
+    let public = dead_addr().await;
+    ads.set(CDS, "local_app", ads::local_app(app.addr));
+    let tls = Tls::Inline {
+        leaf: web,
+        roots: pki.ca.cert_pem().to_string(),
+    };
+    let (name, l) = ads::public_listener(
+        public,
+        &tls,
+        pki.trust_domain(),
+        &Intentions::DefaultAllow(Vec::new()),
+    );
+    ads.set(LDS, &name, l);
+    let mut boot = ads::bootstrap(ads.addr, "web", "");
+    boot["static_resources"]["clusters"][0]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]
+        ["endpoint"]["address"] = serde_json::json!({"pipe": {"path": sock.display().to_string()}});
+    let boot = Bootstrap::parse(&boot).expect("bootstrap");
+    let args = ferry::cli::parse(["ferry"]).expect("flags").proxy;
+    let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
+    let ferry = within(
+        "start over the unix socket",
+        ferry::app::xds::start(boot, config, Backoff::default()),
+    )
+    .await
+    .expect("start");
+    let mut c = mesh_conn(ferry.inbound.expect("public"), &pki.leaf("api")).await;
+    echo_once(&mut c, b"configured over a unix socket").await;
+    assert!(ads.acks(LDS) >= 1);
+}

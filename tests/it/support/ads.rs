@@ -112,6 +112,29 @@ impl Ads {
         ads
     }
 
+    /// Starts on a unix socket at `path` (Nomad's bridge-mode
+    /// `alloc/tmp/consul_grpc.sock`); `addr` is then meaningless and
+    /// [`Ads::restart`] is not supported.
+    pub async fn start_unix(path: &std::path::Path) -> Ads {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind unix ads");
+        let ads = Ads {
+            addr: "0.0.0.0:0".parse().expect("addr"),
+            inner: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            kill: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        let kill = ads.kill.lock().unwrap().clone();
+        let svc = AggregatedDiscoveryServiceServer::new(ads.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, kill.cancelled_owned())
+                .await;
+        });
+        ads
+    }
+
     fn serve(&self, listener: tokio::net::TcpListener) {
         let kill = self.kill.lock().unwrap().clone();
         let svc = AggregatedDiscoveryServiceServer::new(self.clone());
