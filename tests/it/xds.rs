@@ -881,3 +881,68 @@ async fn the_agent_over_nomads_unix_socket() {
     echo_once(&mut c, b"configured over a unix socket").await;
     assert!(ads.acks(LDS) >= 1);
 }
+
+/// A sidecar's resources on `ads`, and a bootstrap pointing at it over TLS
+/// with `ca` (Consul inlines the gRPC CA).
+fn tls_bootstrap(ads: &Ads, pki: &Pki, app: SocketAddr, public: SocketAddr, ca: &str) -> Bootstrap {
+    ads.set(CDS, "local_app", ads::local_app(app));
+    let tls = Tls::Inline {
+        leaf: pki.leaf("web"),
+        roots: pki.ca.cert_pem().to_string(),
+    };
+    let (name, l) = ads::public_listener(
+        public,
+        &tls,
+        pki.trust_domain(),
+        &Intentions::DefaultAllow(Vec::new()),
+    );
+    ads.set(LDS, &name, l);
+    let mut boot = ads::bootstrap(ads.addr, "web", "");
+    boot["static_resources"]["clusters"][0]["transport_socket"] = serde_json::json!({
+        "name": "tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": ca}}}}});
+    Bootstrap::parse(&boot).expect("bootstrap")
+}
+
+#[tokio::test]
+async fn the_agent_over_tls_is_verified_by_its_ca_only() {
+    let pki = Pki::new();
+    // The agent's certificate names no host ferry could check, as Consul's
+    // server certificates for 127.0.0.1 often do not: only the chain counts.
+    let ads = Ads::start_tls(&pki, &pki.leaf("consul-agent")).await;
+    let app = EchoServer::start().await;
+    let public = dead_addr().await;
+    let boot = tls_bootstrap(&ads, &pki, app.addr, public, pki.ca.cert_pem());
+    let args = ferry::cli::parse(["ferry"]).expect("flags").proxy;
+    let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
+    let ferry = within(
+        "start over TLS",
+        ferry::app::xds::start(boot, config, Backoff::default()),
+    )
+    .await
+    .expect("start");
+    let mut c = mesh_conn(ferry.inbound.expect("public"), &pki.leaf("api")).await;
+    echo_once(&mut c, b"configured over TLS").await;
+
+    // Another CA in the bootstrap: the agent is not trusted, nothing is applied.
+    let other = Pki::new();
+    let ads2 = Ads::start_tls(&pki, &pki.leaf("consul-agent")).await;
+    let boot = tls_bootstrap(
+        &ads2,
+        &pki,
+        app.addr,
+        dead_addr().await,
+        other.ca.cert_pem(),
+    );
+    let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
+    let start = ferry::app::xds::start(boot, config, Backoff::default());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), start)
+            .await
+            .is_err(),
+        "an agent whose certificate does not chain to the bootstrap's CA is never used"
+    );
+    assert!(ads2.replies().is_empty());
+}

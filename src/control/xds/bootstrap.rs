@@ -52,6 +52,8 @@ pub struct Bootstrap {
     /// `node.metadata`, sent back verbatim.
     pub node_metadata: serde_json::Map<String, Value>,
     pub agent: AgentAddr,
+    /// With TLS to the agent: the CA (PEM) its certificate must chain to.
+    pub agent_ca: Option<String>,
     /// `x-consul-token`; empty means anonymous. Never logged.
     pub token: String,
     /// `admin.address`.
@@ -136,6 +138,35 @@ fn socket_address(v: &Value, what: &str) -> Result<SocketAddr, BootstrapError> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// The CA of the agent cluster's `UpstreamTlsContext`: inline PEM (newer
+/// Consul) or a file (older).
+fn agent_ca(ts: &Value, cluster: &str) -> Result<String, BootstrapError> {
+    let ca = path(
+        ts,
+        &[
+            "typed_config",
+            "common_tls_context",
+            "validation_context",
+            "trusted_ca",
+        ],
+    )
+    .ok_or_else(|| {
+        bad(format!(
+            "cluster {cluster}: TLS without validation_context.trusted_ca"
+        ))
+    })?;
+    if let Some(pem) = get(ca, "inline_string").and_then(Value::as_str) {
+        return Ok(pem.to_string());
+    }
+    if let Some(file) = get(ca, "filename").and_then(Value::as_str) {
+        return std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("cluster {cluster}: trusted_ca {file}: {e}")));
+    }
+    Err(bad(format!(
+        "cluster {cluster}: trusted_ca is neither inline_string nor filename"
+    )))
+}
+
 impl Bootstrap {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Bootstrap, BootstrapError> {
@@ -208,11 +239,10 @@ impl Bootstrap {
                     "static cluster {cluster_name:?} (the agent) missing"
                 ))
             })?;
-        if get(agent_cluster, "transport_socket").is_some() {
-            return Err(bad(format!(
-                "cluster {cluster_name}: TLS to the agent's gRPC port is not supported yet; use the plaintext gRPC port or Nomad's unix socket"
-            )));
-        }
+        let agent_ca = match get(agent_cluster, "transport_socket") {
+            None => None,
+            Some(ts) => Some(agent_ca(ts, cluster_name)?),
+        };
         let hosts: Vec<&Value> = items(path(agent_cluster, &["load_assignment", "endpoints"]))
             .into_iter()
             .flat_map(|e| items(get(e, "lb_endpoints")))
@@ -257,6 +287,7 @@ impl Bootstrap {
             node_cluster,
             node_metadata,
             agent,
+            agent_ca,
             token,
             admin,
             prometheus,
@@ -328,12 +359,19 @@ mod tests {
         assert_eq!(b.agent, AgentAddr::Tcp("127.0.0.1:8502".parse().unwrap()));
 
         let mut tls = v.clone();
+        tls["static_resources"]["clusters"][0]["transport_socket"] = serde_json::json!({"name": "tls",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+              "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": "PEM"}}}}});
+        assert_eq!(
+            Bootstrap::parse(&tls).unwrap().agent_ca.as_deref(),
+            Some("PEM")
+        );
         tls["static_resources"]["clusters"][0]["transport_socket"] =
             serde_json::json!({"name": "tls"});
         assert!(Bootstrap::parse(&tls)
             .unwrap_err()
             .to_string()
-            .contains("TLS to the agent"));
+            .contains("trusted_ca"));
 
         let mut sotw = v.clone();
         sotw["dynamic_resources"]["ads_config"]["api_type"] = "REST".into();

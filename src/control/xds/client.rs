@@ -43,39 +43,59 @@ impl From<tonic::Status> for StreamError {
     }
 }
 
-/// A channel to the agent; connects lazily, per stream.
-pub async fn channel(addr: &AgentAddr, connect_timeout: Duration) -> Result<Channel, StreamError> {
+/// A channel to the agent, over TLS when `ca` is given (chain verified to
+/// it, no name checked, ALPN h2, no SNI: as Envoy does for `local_agent`).
+pub async fn channel(
+    addr: &AgentAddr,
+    ca: Option<&str>,
+    connect_timeout: Duration,
+) -> Result<Channel, StreamError> {
+    let tls = match ca {
+        Some(pem) => Some(tokio_rustls::TlsConnector::from(
+            crate::identity::tls::chain_only_client_config(pem, "the agent's CA (bootstrap)")
+                .map_err(|e| StreamError::Connect(e.to_string()))?,
+        )),
+        None => None,
+    };
     // The URI is only used for the :authority header.
     let endpoint = Endpoint::from_static("http://localhost")
         .connect_timeout(connect_timeout)
         // Consul's gRPC server refuses pings more often than every 15 s.
         .http2_keep_alive_interval(Duration::from_secs(60))
         .keep_alive_while_idle(false);
-    let r = match addr.clone() {
-        AgentAddr::Unix(path) => {
-            endpoint
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(path)
-                            .await
-                            .map(TokioIo::new)
+    let addr = addr.clone();
+    let r = endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (addr, tls) = (addr.clone(), tls.clone());
+            async move {
+                let io: Box<dyn Io> = match &addr {
+                    AgentAddr::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+                    AgentAddr::Tcp(sa) => {
+                        let s = tokio::net::TcpStream::connect(sa).await?;
+                        let _ = s.set_nodelay(true);
+                        Box::new(s)
                     }
-                }))
-                .await
-        }
-        AgentAddr::Tcp(sa) => {
-            endpoint
-                .connect_with_connector(tower::service_fn(move |_| async move {
-                    let s = tokio::net::TcpStream::connect(sa).await?;
-                    let _ = s.set_nodelay(true);
-                    Ok::<_, std::io::Error>(TokioIo::new(s))
-                }))
-                .await
-        }
-    };
+                };
+                let io: Box<dyn Io> = match tls {
+                    // An IP server name: rustls then sends no SNI.
+                    Some(tls) => {
+                        let name = rustls::pki_types::ServerName::IpAddress(
+                            std::net::IpAddr::from([127, 0, 0, 1]).into(),
+                        );
+                        Box::new(tls.connect(name, io).await?)
+                    }
+                    None => io,
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(io))
+            }
+        }))
+        .await;
     r.map_err(|e| StreamError::Connect(format!("{e}: {}", source_chain(&e))))
 }
+
+/// A byte stream to the agent.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = Vec::new();

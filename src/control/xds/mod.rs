@@ -200,7 +200,13 @@ async fn session(
     first_delay: Duration,
     last_error: &mut String,
 ) -> StreamError {
-    let channel = match client::channel(&boot.agent, Duration::from_secs(5)).await {
+    let channel = match client::channel(
+        &boot.agent,
+        boot.agent_ca.as_deref(),
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) => return e,
     };

@@ -48,6 +48,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use ferry::identity::dev_ca::Leaf;
 use prost::{Message, Name};
+use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -130,6 +131,55 @@ impl Ads {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, kill.cancelled_owned())
+                .await;
+        });
+        ads
+    }
+
+    /// Starts on a free port behind TLS presenting `leaf` (ALPN h2, no
+    /// client certificate): the agent's gRPC TLS port. No restart.
+    pub async fn start_tls(pki: &super::Pki, leaf: &Leaf) -> Ads {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ads");
+        let ads = Ads {
+            addr: listener.local_addr().expect("addr"),
+            inner: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            kill: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        let _ = pki;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                .map(|c| c.expect("cert"))
+                .collect(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key"),
+        )
+        .expect("server cert");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (tx, rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                });
+            }
+        });
+        let svc = AggregatedDiscoveryServiceServer::new(ads.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await;
         });
         ads
@@ -225,6 +275,46 @@ impl Ads {
             .iter()
             .filter(|r| r.type_url == type_url && r.error.is_none())
             .count()
+    }
+}
+
+/// A TLS connection the gRPC server can serve on.
+pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
