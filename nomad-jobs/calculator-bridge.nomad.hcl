@@ -3,7 +3,9 @@
 # Envoy.
 #
 #   curl --> frontend app --> frontend's ferry ==mTLS==> add-svc's ferry --> add-svc app
-#                                              ==mTLS==> sub-svc's ferry --> sub-svc app
+#                  (unix socket) frontend's ferry ==mTLS==> sub-svc's ferry --> sub-svc app
+#
+#   Consul's HTTP check --> add-svc's ferry (exposed /health, plain HTTP) --> add-svc app
 #
 # What Nomad does for each `sidecar_service`: it registers the service as
 # _nomad-task-<alloc ID>-group-<group>-<service>-<port> and its sidecar as
@@ -43,6 +45,12 @@ locals {
 
     class Calc(BaseHTTPRequestHandler):
         def do_GET(self):
+            if urlparse(self.path).path == "/health":
+                self.send_response(200)
+                self.send_header("Content-Length", "3")
+                self.end_headers()
+                self.wfile.write(b"ok\n")
+                return
             q = parse_qs(urlparse(self.path).query)
             a, b = (int(q.get(k, ["0"])[0]) for k in ("a", "b"))
             body = (str(op(a, b)) + "\n").encode()
@@ -55,26 +63,43 @@ locals {
     HTTPServer((os.environ["BIND"], int(os.environ["PORT"])), Calc).serve_forever()
   EOF
 
-  # Stands for the real frontend: GET /?a=7&b=5 asks add-svc and sub-svc,
-  # through the local ferry listeners named by ADD_SVC_ADDR and SUB_SVC_ADDR,
-  # and shows both answers.
+  # Stands for the real frontend: GET /?a=7&b=5 asks add-svc through the
+  # local ferry listener named by ADD_SVC_ADDR (host:port) and sub-svc
+  # through the Unix socket named by SUB_SVC_SOCK, and shows both answers.
   frontend_py = <<-EOF
+    import http.client
     import os
-    import urllib.request
+    import socket
     from http.server import BaseHTTPRequestHandler, HTTPServer
     from urllib.parse import urlparse
 
-    UPSTREAMS = (("add-svc", "ADD_SVC_ADDR"), ("sub-svc", "SUB_SVC_ADDR"))
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, path):
+            super().__init__("localhost", timeout=5)
+            self.socket_path = path
+
+        def connect(self):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(self.socket_path)
+            self.sock = s
+
+    def ask(name, query):
+        if name == "add-svc":
+            host, port = os.environ["ADD_SVC_ADDR"].rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        else:
+            conn = UnixHTTPConnection(os.environ["SUB_SVC_SOCK"])
+        conn.request("GET", "/?" + query)
+        return conn.getresponse().read().decode().strip()
 
     class Frontend(BaseHTTPRequestHandler):
         def do_GET(self):
             query = urlparse(self.path).query
             lines = []
-            for name, var in UPSTREAMS:
-                url = "http://" + os.environ[var] + "/?" + query
+            for name in ("add-svc", "sub-svc"):
                 try:
-                    with urllib.request.urlopen(url, timeout=5) as r:
-                        lines.append(name + ": " + r.read().decode().strip())
+                    lines.append(name + ": " + ask(name, query))
                 except Exception as e:
                     lines.append(name + ": failed: " + str(e))
             body = ("\n".join(lines) + "\n").encode()
@@ -106,6 +131,20 @@ job "calculator-bridge" {
       # A number, not a port label: the app's port inside the namespace.
       # It is also the last part of the service ID that -sidecar-for names.
       port = "8080"
+
+      # An HTTP check of the app's /health, which Nomad exposes through the
+      # sidecar (expose = true): it adds a dynamic port to the group, puts
+      # the path in Proxy.Expose.Paths (path /health, local_path_port 8080,
+      # listener_port that port) and points the check at it. ferry serves
+      # exactly that path there, plain HTTP, and nothing else of the app.
+      check {
+        name     = "add-svc health"
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "2s"
+        expose   = true
+      }
 
       connect {
         sidecar_service {}
@@ -172,6 +211,20 @@ job "calculator-bridge" {
     service {
       name = "sub-svc"
       port = "8080"
+
+      # An HTTP check of the app's /health, which Nomad exposes through the
+      # sidecar (expose = true): it adds a dynamic port to the group, puts
+      # the path in Proxy.Expose.Paths (path /health, local_path_port 8080,
+      # listener_port that port) and points the check at it. ferry serves
+      # exactly that path there, plain HTTP, and nothing else of the app.
+      check {
+        name     = "sub-svc health"
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "2s"
+        expose   = true
+      }
 
       connect {
         sidecar_service {}
@@ -257,9 +310,14 @@ job "calculator-bridge" {
               local_bind_port  = 9001
             }
 
+            # A Unix socket instead of a port: ferry creates the file
+            # (removing a stale socket left by a crash), sets its mode and
+            # removes it when it stops. raw_exec tasks share the host's
+            # file system, so the app finds it at the same path.
             upstreams {
-              destination_name = "sub-svc"
-              local_bind_port  = 9002
+              destination_name       = "sub-svc"
+              local_bind_socket_path = "/tmp/calculator-bridge-sub-svc.sock"
+              local_bind_socket_mode = "0600"
             }
           }
         }
@@ -300,9 +358,10 @@ job "calculator-bridge" {
       env {
         BIND = "0.0.0.0"
         PORT = "8080"
-        # 127.0.0.1:9001 and 127.0.0.1:9002 (Nomad writes "-" as "_").
+        # 127.0.0.1:9001 (Nomad writes "-" as "_").
         ADD_SVC_ADDR = "${NOMAD_UPSTREAM_ADDR_add_svc}"
-        SUB_SVC_ADDR = "${NOMAD_UPSTREAM_ADDR_sub_svc}"
+        # The socket upstream's path (the same as local_bind_socket_path).
+        SUB_SVC_SOCK = "/tmp/calculator-bridge-sub-svc.sock"
       }
 
       resources {

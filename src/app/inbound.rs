@@ -148,7 +148,7 @@ fn context(
 ) -> inbound::Inbound {
     inbound::Inbound {
         service: config.service.clone(),
-        service_addr: i.service_addr.clone(),
+        service_addr: crate::proxy::net::LocalApp::parse(&i.service_addr),
         authz,
         credentials,
         timeouts: config.timeouts,

@@ -5,8 +5,10 @@
 //! registration (registration mode: the listener set) → the credentials
 //! channel → bind and serve every listener → wait for the first
 //! credentials → upstream discovery → `-register` → follow the listener
-//! set. Each phase is a function below; a failure in any of them stops
-//! what the earlier ones spawned.
+//! set. Each phase is a function below (the admin listeners' in `ops`, the
+//! credentials channel in `certs`); a failure in any of them stops what the
+//! earlier ones spawned. xDS mode (`xds`) starts the same phases with feeds
+//! from the control plane.
 //!
 //! Owns: the order of start-up and shutdown, and which source feeds which
 //! listener. May import every part; no part imports it.
@@ -19,24 +21,31 @@ use tokio::net::TcpListener;
 
 use crate::authz::RbacChain;
 use crate::config::agent::ProxyIdentity;
-use crate::config::{AuthzSource, CertSource, Config, InboundConfig};
+use crate::config::{AuthzSource, BindAddr, Config, InboundConfig};
 use crate::control::agent::register::{self, Registration};
-use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
+use crate::control::agent::{registration, AgentClient, AgentError, WatchPolicy};
 use crate::control::{Instances, ListenerSet, Publisher, Receiver};
 use crate::identity::tls::Credentials;
-use crate::ops::admin::{self, Admin};
+use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
 use crate::proxy::balancer::InstanceState;
+use crate::proxy::net::Listener;
 use crate::proxy::splice::Timers;
 
+mod certs;
+mod expose;
 mod inbound;
+mod ops;
 mod shutdown;
 mod status;
 mod upstreams;
 #[cfg(feature = "xds")]
 pub mod xds;
 
+use certs::credentials;
+use expose::ExposeSet;
 use inbound::{register_self, SelfRegistration, Wiring};
+use ops::{serve_admin, serve_envoy_compat};
 pub use shutdown::Shutdown;
 use upstreams::{Settings, UpstreamSet};
 
@@ -47,6 +56,12 @@ pub enum StartError {
     Bind {
         what: String,
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    BindLocal {
+        what: String,
+        addr: BindAddr,
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -140,6 +155,7 @@ pub(crate) async fn start_with(
                 recheck_every: config.reauthorize_interval,
             };
             apply_registration(&mut config, &first, authz);
+            serve_envoy_compat(&first, &admin, &shutdown)?;
             Some((rx, first))
         }
         (None, None) => None,
@@ -170,6 +186,10 @@ pub(crate) async fn start_with(
         None => None,
     };
     upstreams.bind_all(&config.upstreams)?;
+    let exposed = Arc::new(ExposeSet::new(metrics.clone(), shutdown.clone()));
+    if let Some((_, first)) = &listener_sets {
+        exposed.bind_all(&first.expose)?;
+    }
     let mut inbound_addr = None;
     if let Some((listener, i)) = inbound_listener {
         let wiring = Wiring {
@@ -212,7 +232,7 @@ pub(crate) async fn start_with(
         let set = upstreams.clone();
         shutdown
             .control
-            .spawn(async move { set.follow(rx, first).await });
+            .spawn(async move { set.follow(rx, first, &exposed).await });
     }
     Ok(Running {
         inbound: inbound_addr,
@@ -224,28 +244,6 @@ pub(crate) async fn start_with(
         registration: self_registration,
         shutdown,
     })
-}
-
-/// Phase 1: the admin listener, so `/ready` can say "not yet" while the
-/// rest starts.
-fn serve_admin(
-    addr: Option<SocketAddr>,
-    admin: &Arc<Admin>,
-    shutdown: &Shutdown,
-) -> Result<Option<SocketAddr>, StartError> {
-    let Some(addr) = addr else {
-        return Ok(None);
-    };
-    let listener = bind("-admin-addr", addr)?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(listen = %bound, "admin listener ready (/metrics /ready /live /status)");
-    shutdown.control.spawn(admin::serve(
-        listener,
-        admin.clone(),
-        shutdown.control.clone(),
-        shutdown.halt.clone(),
-    ));
-    Ok(Some(bound))
 }
 
 /// Phase 2 (registration mode): follows the proxy's registration and waits
@@ -289,57 +287,9 @@ fn apply_registration(config: &mut Config, set: &ListenerSet, authz: AuthzSource
     if let Some(t) = set.handshake_timeout {
         config.timeouts.handshake = t;
     }
-}
-
-/// Phase 3: the credentials channel: filled at once from files, or by the
-/// agent watcher it starts (start waits for the first value after binding).
-fn credentials(
-    config: &Config,
-    client: &Option<AgentClient>,
-    metrics: &Arc<Metrics>,
-    policy: WatchPolicy,
-    shutdown: &Shutdown,
-    feed: Option<Receiver<Credentials>>,
-) -> Result<Arc<Publisher<Credentials>>, StartError> {
-    let m = metrics.clone();
-    let publisher = Arc::new(Publisher::new().on_publish(move |c: &Credentials, first| {
-        m.leaf_expiry.set(c.leaf_not_after);
-        if !first {
-            m.rotations.inc();
-        }
-    }));
-    match (&config.certs, client) {
-        (CertSource::Files(c), _) => publisher.publish(c.clone()),
-        (CertSource::Agent, None) => return Err(StartError::NoAgent),
-        (CertSource::ControlPlane, _) => {
-            let mut feed = feed.ok_or(StartError::ControlPlane(
-                "no certificate feed from the control plane".into(),
-            ))?;
-            let out = publisher.clone();
-            let halt = shutdown.halt.clone();
-            shutdown.control.spawn(async move {
-                let mut next = feed.ready().await;
-                while let Some(c) = next {
-                    out.publish(c);
-                    next = tokio::select! {
-                        n = feed.changed() => n,
-                        _ = halt.cancelled() => None,
-                    };
-                }
-            });
-        }
-        (CertSource::Agent, Some(client)) => {
-            shutdown.control.spawn(credentials::credentials(
-                client.clone(),
-                config.service.clone(),
-                publisher.clone(),
-                policy,
-                shutdown.halt.clone(),
-            ));
-            tracing::info!(service = %config.service, "waiting for certificates from the agent");
-        }
+    if let Some(n) = set.max_inbound_conns {
+        config.limits.conns = n;
     }
-    Ok(publisher)
 }
 
 /// Binds `addr` for the listener `what` names (a flag, for the error).
@@ -347,6 +297,15 @@ fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     crate::proxy::net::listen(addr).map_err(|source| StartError::Bind {
         what: what.to_string(),
         addr,
+        source,
+    })
+}
+
+/// Binds a local listener (TCP or a Unix socket) for `what`.
+fn bind_local(what: &str, addr: &BindAddr) -> Result<Listener, StartError> {
+    Listener::bind(addr).map_err(|source| StartError::BindLocal {
+        what: what.to_string(),
+        addr: addr.clone(),
         source,
     })
 }
@@ -359,9 +318,14 @@ fn timers(config: &Config) -> Timers {
 }
 
 impl Running {
-    /// The bound address of upstream `name`.
+    /// The bound address of upstream `name`, when it listens on TCP.
     pub fn upstream(&self, name: &str) -> Option<SocketAddr> {
         self.upstreams.addr(name)
+    }
+
+    /// The socket file of upstream `name`, when it listens on a Unix socket.
+    pub fn upstream_socket(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.upstreams.socket(name)
     }
 
     /// The names of the upstreams being served.
@@ -417,7 +381,7 @@ mod tests {
         let before = config.timeouts;
         let db = UpstreamConfig {
             name: "db".into(),
-            bind: "127.0.0.1:9191".parse().unwrap(),
+            bind: BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()),
             discovery: Discovery::Service { datacenter: None },
             deadline: None,
             max_conns: None,
@@ -435,6 +399,10 @@ mod tests {
                 service_addr: "127.0.0.1:8080".into(),
                 local_connect_timeout: None,
                 handshake_timeout: Some(Duration::from_secs(3)),
+                max_inbound_conns: Some(7),
+                expose: Vec::new(),
+                metrics_bind: None,
+                stats_bind: None,
                 upstreams: vec![db.clone()],
             },
             agent.clone(),
@@ -450,6 +418,10 @@ mod tests {
         assert_eq!(config.upstreams, [db]);
         assert_eq!(config.timeouts.handshake, Duration::from_secs(3));
         assert_eq!(
+            config.limits.conns, 7,
+            "max_inbound_connections caps -max-conns"
+        );
+        assert_eq!(
             config.timeouts.local_connect, before.local_connect,
             "unset: flag value kept"
         );
@@ -463,6 +435,10 @@ mod tests {
                 service_addr: String::new(),
                 local_connect_timeout: None,
                 handshake_timeout: None,
+                max_inbound_conns: None,
+                expose: Vec::new(),
+                metrics_bind: None,
+                stats_bind: None,
                 upstreams: Vec::new(),
             },
             agent,

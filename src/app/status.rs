@@ -69,7 +69,7 @@ mod tests {
     fn lists_listeners_and_instance_states() {
         let ups = [UpstreamStatus {
             name: "db".into(),
-            listen: "127.0.0.1:9191".parse().unwrap(),
+            listen: crate::config::BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()),
             instances: vec![
                 InstanceState {
                     addr: "10.0.0.1:21000".parse().unwrap(),

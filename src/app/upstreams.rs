@@ -6,16 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::expose::ExposeSet;
 use super::shutdown::Shutdown;
-use super::{bind, StartError};
-use crate::config::{Discovery, Timeouts, UpstreamConfig};
+use super::{bind_local, StartError};
+use crate::config::{BindAddr, Discovery, Timeouts, UpstreamConfig};
 use crate::control::agent::{instances, AgentClient, WatchPolicy};
 use crate::control::{Instances, ListenerSet, Receiver};
 use crate::identity::tls::Credentials;
@@ -23,6 +24,7 @@ use crate::identity::SpiffeId;
 use crate::ops::metrics::Metrics;
 use crate::proxy::balancer::{Balancer, EjectionPolicy, InstanceState};
 use crate::proxy::limits::Limit;
+use crate::proxy::net::Listener;
 use crate::proxy::splice::Timers;
 use crate::proxy::upstream;
 
@@ -64,7 +66,8 @@ pub struct UpstreamSet {
 /// One running upstream listener.
 struct Handle {
     config: UpstreamConfig,
-    addr: SocketAddr,
+    /// Where it is bound (the actual port when 0 was asked for).
+    addr: BindAddr,
     balancer: Arc<Balancer>,
     /// Ends this listener's accept loop (child of `stop`).
     stop: CancellationToken,
@@ -77,7 +80,7 @@ struct Handle {
 /// What `/status` shows of one upstream.
 pub struct UpstreamStatus {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: BindAddr,
     pub instances: Vec<InstanceState>,
 }
 
@@ -101,7 +104,10 @@ impl UpstreamSet {
     pub fn bind_all(&self, upstreams: &[UpstreamConfig]) -> Result<(), StartError> {
         let mut bound = Vec::with_capacity(upstreams.len());
         for u in upstreams {
-            bound.push((u.clone(), bind(&format!("-upstream {}", u.name), u.bind)?));
+            bound.push((
+                u.clone(),
+                bind_local(&format!("-upstream {}", u.name), &u.bind)?,
+            ));
         }
         for (u, listener) in bound {
             self.serve(u, listener);
@@ -110,9 +116,9 @@ impl UpstreamSet {
     }
 
     /// Starts serving upstream `u` on an already bound listener.
-    fn serve(&self, u: UpstreamConfig, listener: TcpListener) {
+    fn serve(&self, u: UpstreamConfig, listener: Listener) {
         let s = &self.settings;
-        let addr = listener.local_addr().unwrap_or(u.bind);
+        let addr = listener.bound(&u.bind);
         let m = s.metrics.upstream(&u.name);
         let ejection = u.ejection.unwrap_or(s.ejection);
         let balancer = Arc::new(Balancer::new(ejection).with_gauge(m.instances.clone()));
@@ -273,7 +279,7 @@ impl UpstreamSet {
             if self.lock().contains_key(&d.name) {
                 continue;
             }
-            match bind(&format!("-upstream {}", d.name), d.bind) {
+            match bind_local(&format!("-upstream {}", d.name), &d.bind) {
                 Ok(listener) => self.serve(d.clone(), listener),
                 Err(e) => {
                     tracing::error!(upstream = %d.name, error = %e, "cannot start upstream listener")
@@ -282,23 +288,40 @@ impl UpstreamSet {
         }
     }
 
-    /// Applies each new listener set until its publisher goes away. Only
-    /// the upstreams apply live; a change of identity, public listener or
-    /// local app is logged and needs a restart.
-    pub async fn follow(&self, mut sets: Receiver<ListenerSet>, mut current: Arc<ListenerSet>) {
+    /// Applies each new listener set until its publisher goes away. The
+    /// upstreams and the exposed paths apply live; a change of identity,
+    /// public listener or local app is logged and needs a restart.
+    pub(super) async fn follow(
+        &self,
+        mut sets: Receiver<ListenerSet>,
+        mut current: Arc<ListenerSet>,
+        exposed: &ExposeSet,
+    ) {
         while let Some(next) = sets.changed().await {
             if needs_restart(&current, &next) {
                 tracing::warn!(service = %next.service, listen = ?next.listen, service_addr = %next.service_addr,
-                    "the registration changed the identity, public listener or local app; restart ferry to apply (upstream changes apply live)");
+                    "the registration changed the identity, public listener (or its max_inbound_connections), local app or metrics/stats listeners; restart ferry to apply (upstream and exposed path changes apply live)");
             }
             self.reconcile(&next.upstreams).await;
+            exposed.reconcile(&next.expose).await;
             current = next;
         }
     }
 
-    /// The bound address of upstream `name`.
+    /// The bound address of upstream `name`, when it listens on TCP.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.lock().get(name).map(|h| h.addr)
+        match self.lock().get(name).map(|h| &h.addr) {
+            Some(BindAddr::Tcp(a)) => Some(*a),
+            _ => None,
+        }
+    }
+
+    /// The socket file of upstream `name`, when it listens on a Unix socket.
+    pub fn socket(&self, name: &str) -> Option<PathBuf> {
+        match self.lock().get(name).map(|h| &h.addr) {
+            Some(BindAddr::Unix(u)) => Some(u.path.clone()),
+            _ => None,
+        }
     }
 
     /// The names of the upstreams being served.
@@ -317,7 +340,7 @@ impl UpstreamSet {
             .iter()
             .map(|(name, h)| UpstreamStatus {
                 name: name.clone(),
-                listen: h.addr,
+                listen: h.addr.clone(),
                 instances: h.balancer.states(),
             })
             .collect()
@@ -354,7 +377,12 @@ async fn follow_instances(
 
 /// Whether going from `old` to `new` changes what only a restart applies.
 fn needs_restart(old: &ListenerSet, new: &ListenerSet) -> bool {
-    old.service != new.service || old.listen != new.listen || old.service_addr != new.service_addr
+    old.service != new.service
+        || old.listen != new.listen
+        || old.service_addr != new.service_addr
+        || old.max_inbound_conns != new.max_inbound_conns
+        || old.metrics_bind != new.metrics_bind
+        || old.stats_bind != new.stats_bind
 }
 
 /// The TLS server name for an instance: Consul's SNI for the service, or —
@@ -375,6 +403,10 @@ mod tests {
             service_addr: app.into(),
             local_connect_timeout: None,
             handshake_timeout: None,
+            max_inbound_conns: None,
+            expose: Vec::new(),
+            metrics_bind: None,
+            stats_bind: None,
             upstreams: Vec::new(),
         }
     }
@@ -406,7 +438,7 @@ mod tests {
                     handshake_timeout: Some(Duration::from_secs(3)),
                     upstreams: vec![UpstreamConfig {
                         name: "db".into(),
-                        bind: "127.0.0.1:9191".parse().unwrap(),
+                        bind: BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()),
                         discovery: Discovery::Service { datacenter: None },
                         deadline: None,
                         max_conns: None,

@@ -41,7 +41,9 @@ mod goflags;
 mod values;
 
 pub(crate) use goflags::go_bool;
-pub use values::{DestinationType, GoDuration, Token, UpstreamAddrArg, UpstreamArg};
+pub use values::{
+    BindAddr, DestinationType, GoDuration, Token, UnixBind, UpstreamAddrArg, UpstreamArg,
+};
 
 /// ferry: a small, fast L4 sidecar proxy for Consul service mesh.
 #[derive(Debug, Parser)]
@@ -146,8 +148,8 @@ pub struct ProxyArgs {
     pub register_id: Option<String>,
 
     /// A local plaintext listener for a destination service:
-    /// NAME[.TYPE]:[ADDR:]PORT (ADDR defaults to 127.0.0.1; TYPE is service or query).
-    /// Repeatable.
+    /// NAME[.TYPE]:[ADDR:]PORT (ADDR defaults to 127.0.0.1; TYPE is service or query),
+    /// or NAME[.TYPE]:unix:/PATH for a Unix socket. Repeatable.
     #[arg(long, value_name = "NAME:[ADDR:]PORT")]
     pub upstream: Vec<UpstreamArg>,
 
@@ -245,9 +247,9 @@ pub struct ProxyArgs {
     pub max_handshakes: usize,
 
     /// Share of -max-handshakes one source address may hold (0: none): when
-    /// the budget is full, among handshakes that made the same progress, an
-    /// address over its share gives first. Default 32, a quarter of the
-    /// default budget.
+    /// the budget is full, among handshakes that made the same progress, one
+    /// older than 250 ms from an address over its share gives first.
+    /// Default 32, a quarter of the default budget.
     #[arg(long, default_value = "32", value_name = "N")]
     pub max_handshakes_per_source: usize,
 
@@ -689,8 +691,18 @@ mod tests {
             let u: UpstreamArg = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!(u.name, name, "{input}");
             assert_eq!(u.kind, kind, "{input}");
-            assert_eq!(u.bind, bind.parse().unwrap(), "{input}");
+            assert_eq!(u.bind, BindAddr::Tcp(bind.parse().unwrap()), "{input}");
         }
+        let sock: UpstreamArg = "db.query:unix:/run/db.sock".parse().unwrap();
+        assert_eq!(sock.kind, DestinationType::PreparedQuery);
+        assert_eq!(
+            sock.bind,
+            BindAddr::Unix(UnixBind {
+                path: "/run/db.sock".into(),
+                mode: None
+            })
+        );
+        assert!("db:unix:relative.sock".parse::<UpstreamArg>().is_err());
         let bad = [
             "db",
             ":9191",

@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use crate::proxy::net::{BindAddr, UnixBind};
+
 /// A duration in Go's syntax (`300ms`, `1.5s`, `2h45m`, `0`).
 ///
 /// ```
@@ -85,15 +87,16 @@ pub enum DestinationType {
 
 /// One `-upstream` flag: `NAME[.TYPE]:[ADDR:]PORT`, parsed as Consul's
 /// `flag_upstreams.go` does (port in Go's base-prefixed syntax), plus a
-/// bracketed IPv6 bind address, which Consul's parser cannot express.
+/// bracketed IPv6 bind address, which Consul's parser cannot express, and
+/// `NAME[.TYPE]:unix:PATH` for a Unix socket listener (ferry's addition).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamArg {
     /// Destination service or query name.
     pub name: String,
     /// Service or prepared query.
     pub kind: DestinationType,
-    /// Local address to listen on.
-    pub bind: SocketAddr,
+    /// Local address (or Unix socket) to listen on.
+    pub bind: BindAddr,
 }
 
 impl FromStr for UpstreamArg {
@@ -119,6 +122,21 @@ impl FromStr for UpstreamArg {
         if name.is_empty() {
             return Err(syntax());
         }
+        if let Some(path) = rest.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: the socket path {path:?} must be absolute (NAME:unix:/PATH)"
+                ));
+            }
+            return Ok(UpstreamArg {
+                name: name.to_string(),
+                kind,
+                bind: BindAddr::Unix(UnixBind {
+                    path: path.into(),
+                    mode: None,
+                }),
+            });
+        }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (h, p) = v6.split_once("]:").ok_or_else(syntax)?;
             (Some(h), p)
@@ -139,7 +157,7 @@ impl FromStr for UpstreamArg {
         Ok(UpstreamArg {
             name: name.to_string(),
             kind,
-            bind: SocketAddr::new(ip, port),
+            bind: BindAddr::Tcp(SocketAddr::new(ip, port)),
         })
     }
 }

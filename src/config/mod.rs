@@ -10,7 +10,7 @@
 //! `app` or `control`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +19,14 @@ use crate::authz::{IntentionError, Intentions};
 use crate::cli::{DestinationType, ProxyArgs};
 use crate::identity::tls::{Credentials, PemBundle, TlsError};
 use crate::proxy::balancer::EjectionPolicy;
+pub use crate::proxy::net::{BindAddr, UnixBind};
 pub use crate::proxy::Timeouts;
 
+mod addr;
 pub mod agent;
+mod control_plane;
+
+use addr::{check_host_port, parse_addr, parse_listen, resolve};
 
 use agent::{AgentConfig, AgentConfigError, Env, ProxyIdentity};
 
@@ -62,7 +67,7 @@ pub enum ConfigError {
     DuplicateBind {
         name: String,
         other: String,
-        addr: SocketAddr,
+        addr: String,
     },
     #[error("{flag}: {why}")]
     BadValue { flag: &'static str, why: String },
@@ -83,7 +88,8 @@ pub enum ConfigError {
 pub struct InboundConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The local app, `host:port`, dialed for each allowed connection.
+    /// The local app, `host:port` or `unix:/path`, dialed for each allowed
+    /// connection.
     pub service_addr: String,
     /// Who may connect.
     pub authz: AuthzSource,
@@ -126,8 +132,8 @@ pub struct UpstreamConfig {
     /// Destination service (or prepared query) name; instances must present
     /// this service's identity.
     pub name: String,
-    /// Local plaintext listener.
-    pub bind: SocketAddr,
+    /// Local plaintext listener: TCP, or a Unix socket.
+    pub bind: BindAddr,
     /// Where instances come from.
     pub discovery: Discovery,
     /// This upstream's own bound on finding a working instance (a
@@ -267,33 +273,6 @@ impl Config {
             limits: common.limits,
         };
         Ok((config, warnings))
-    }
-}
-
-impl Config {
-    /// The config of a proxy a control plane (xDS) configures: ferry's own
-    /// operational flags from `args` (timeouts, limits, admin, ejection);
-    /// identity, listeners and certificates come from the control plane.
-    pub fn for_control_plane(args: &ProxyArgs, service: &str) -> Result<Config, ConfigError> {
-        let common = common(args)?;
-        Ok(Config {
-            service: service.to_string(),
-            certs: CertSource::ControlPlane,
-            agent: None,
-            admin: common.admin,
-            register: None,
-            sidecar: None,
-            authz_fallback_window: common.authz_fallback_window,
-            reauthorize_interval: common.reauthorize_interval,
-            inbound: None,
-            upstreams: Vec::new(),
-            timeouts: common.timeouts,
-            upstream_attempts: args.upstream_attempts,
-            ejection: common.ejection,
-            idle_timeout: common.idle_timeout,
-            max_lifetime: common.max_lifetime,
-            limits: common.limits,
-        })
     }
 }
 
@@ -482,7 +461,10 @@ fn upstreams(
         if standalone && u.kind == DestinationType::PreparedQuery {
             return Err(ConfigError::QueryInStandalone(u.name.clone()));
         }
-        if by_name.insert(u.name.clone(), (u.bind, u.kind)).is_some() {
+        if by_name
+            .insert(u.name.clone(), (u.bind.clone(), u.kind))
+            .is_some()
+        {
             warnings.push(format!(
                 "-upstream {} given more than once; the last one wins",
                 u.name
@@ -501,16 +483,17 @@ fn upstreams(
     }
     let datacenter = args.agent.datacenter.clone().filter(|d| !d.is_empty());
     let mut upstreams = Vec::new();
-    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
+    let mut binds: Vec<(BindAddr, String)> = Vec::new();
     for (name, (bind, kind)) in by_name {
-        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && bind.port() != 0) {
+        let port_zero = matches!(bind, BindAddr::Tcp(a) if a.port() == 0);
+        if let Some((_, other)) = binds.iter().find(|(b, _)| *b == bind && !port_zero) {
             return Err(ConfigError::DuplicateBind {
                 name,
                 other: other.clone(),
-                addr: bind,
+                addr: bind.to_string(),
             });
         }
-        binds.push((bind, name.clone()));
+        binds.push((bind.clone(), name.clone()));
         let discovery = match instances.remove(&name) {
             Some(list) => Discovery::Static(list),
             None if standalone => return Err(ConfigError::NoInstances(name)),
@@ -587,60 +570,6 @@ pub fn read_cert_dir(dir: &Path, service: &str) -> Result<PemBundle, ConfigError
         key: read(&files[2])?,
         origin: files.map(|f| f.display().to_string()),
     })
-}
-
-/// `-listen HOST:PORT`; an empty host means every address, as in Consul.
-fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
-    parse_addr("-listen", s)
-}
-
-/// A listen address for `flag`: `HOST:PORT`, or `:PORT` for every address.
-fn parse_addr(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: &str| ConfigError::BadAddr {
-        flag,
-        value: s.to_string(),
-        why: why.to_string(),
-    };
-    if let Some(port) = s.strip_prefix(':') {
-        let port = port.parse::<u16>().map_err(|_| bad("invalid port"))?;
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
-    }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    resolve(flag, s)
-}
-
-fn check_host_port(flag: &'static str, s: &str) -> Result<String, ConfigError> {
-    let ok = s
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(ConfigError::BadAddr {
-            flag,
-            value: s.to_string(),
-            why: "expected HOST:PORT".into(),
-        })
-    }
-}
-
-fn resolve(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: String| ConfigError::BadAddr {
-        flag,
-        value: s.to_string(),
-        why,
-    };
-    let mut addrs = s.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
-    // Prefer IPv4 for names like "localhost" that resolve both ways: the
-    // listeners we point at are usually bound on 127.0.0.1.
-    let all: Vec<SocketAddr> = addrs.by_ref().collect();
-    all.iter()
-        .find(|a| a.is_ipv4())
-        .or(all.first())
-        .copied()
-        .ok_or_else(|| bad("resolves to no address".into()))
 }
 
 #[cfg(test)]
@@ -790,7 +719,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ups.len(), 1);
-        assert_eq!(ups[0].bind.port(), 9192, "the last -upstream db wins");
+        assert_eq!(
+            ups[0].bind,
+            BindAddr::Tcp("127.0.0.1:9192".parse().unwrap()),
+            "the last -upstream db wins"
+        );
         assert_eq!(
             ups[0].discovery,
             Discovery::Static(vec!["127.0.0.1:1".parse().unwrap()])

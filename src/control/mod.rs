@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::UpstreamConfig;
+pub use crate::proxy::expose::{ExposePath, Protocol as ExposeProtocol};
 pub use crate::snapshot::{Publisher, Receiver};
 
 pub mod agent;
@@ -51,6 +52,15 @@ pub struct ListenerSet {
     pub local_connect_timeout: Option<Duration>,
     /// `handshake_timeout_ms`, if set.
     pub handshake_timeout: Option<Duration>,
+    /// `max_inbound_connections`: the public listener's cap on established
+    /// connections, if set (else `-max-conns`).
+    pub max_inbound_conns: Option<usize>,
     /// The upstreams, in registration order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Exposed paths (`Proxy.Expose.Paths`).
+    pub expose: Vec<ExposePath>,
+    /// `envoy_prometheus_bind_addr`: where to serve `/metrics` too.
+    pub metrics_bind: Option<SocketAddr>,
+    /// `envoy_stats_bind_addr`: where to serve the admin endpoints too.
+    pub stats_bind: Option<SocketAddr>,
 }

@@ -58,9 +58,12 @@ impl Admin {
         let _ = self.status.set(f);
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, req: &Request<Incoming>, metrics_only: bool) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        if metrics_only && req.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "not found: try /metrics\n");
         }
         match req.uri().path() {
             "/metrics" => {
@@ -112,13 +115,34 @@ pub async fn serve(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
+    serve_paths(listener, admin, tracker, cancel, false).await
+}
+
+/// [`serve`] answering `/metrics` only (Envoy's
+/// `envoy_prometheus_bind_addr` listener); every other path is 404.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    serve_paths(listener, admin, tracker, cancel, true).await
+}
+
+async fn serve_paths(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    metrics_only: bool,
+) {
     while let Some((stream, _)) = crate::proxy::net::accept(&listener, &cancel, "admin").await {
         let admin = admin.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.respond(&req)) }
+                async move { Ok::<_, Infallible>(admin.respond(&req, metrics_only)) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder

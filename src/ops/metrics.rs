@@ -50,6 +50,15 @@ pub struct ClosedLabel {
     pub outcome: &'static str,
 }
 
+/// Labels for a request on an exposed path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExposeLabel {
+    /// The exposed path, or `other` for requests that matched none.
+    pub path: String,
+    /// The HTTP status answered.
+    pub code: u16,
+}
+
 /// Labels for a connection refused by a limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabel {
@@ -230,6 +239,8 @@ pub struct Metrics {
     pub closed: Family<ClosedLabel, Counter>,
     /// Connections refused by a limit, by listener and limit.
     pub refused: Family<RefusedLabel, Counter>,
+    /// Requests on exposed paths, by path and status.
+    pub expose_requests: Family<ExposeLabel, Counter>,
     /// Handshakes in progress, by listener.
     pub pending: Family<ListenerLabel, Gauge>,
     /// Pending handshakes closed to make room, by listener and reason.
@@ -318,6 +329,7 @@ impl Metrics {
             inbound_bytes_out: Counter::default(),
             closed: Family::default(),
             refused: Family::default(),
+            expose_requests: Family::default(),
             pending: Family::default(),
             evictions: Family::default(),
             upstream_accepted: Labeled::default(),
@@ -384,6 +396,11 @@ impl Metrics {
             "connections_closed",
             "Connections closed, by direction, service and outcome",
             m.closed.clone(),
+        );
+        r.register(
+            "expose_requests",
+            "Requests on exposed paths (Proxy.Expose), by path and status",
+            m.expose_requests.clone(),
         );
         r.register(
             "handshakes_pending",
@@ -502,6 +519,16 @@ impl Metrics {
             listener: listener.to_string(),
             limit,
         })
+    }
+
+    /// Counts one request on an exposed path.
+    pub fn exposed(&self, path: &str, code: u16) {
+        self.expose_requests
+            .get_or_create(&ExposeLabel {
+                path: path.to_string(),
+                code,
+            })
+            .inc();
     }
 
     /// Counts one closed connection.

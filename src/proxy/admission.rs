@@ -16,12 +16,16 @@
 //! 2. among equals, the oldest: an honest handshake finishes in a few round
 //!    trips, so the one that has waited longest is the likeliest junk.
 //!
+//! A connection younger than [`FIRST_LOOK`] is spared while an older one
+//! remains: until its task has read what the peer sent, an honest client
+//! looks as silent as junk.
+//!
 //! An honest client has sent a complete ClientHello within one round trip
 //! of connecting, so it is evicted only after every silent and partial
 //! connection, and then only after `budget` newer arrivals. Among pending
-//! handshakes that made the same progress, an address holding more than its
-//! share (`per_source`) gives first, so one address cannot keep the budget
-//! from others; a busy honest address (a sidecar opening many connections
+//! handshakes that made the same progress, one from an address holding more
+//! than its share (`per_source`) that has lasted past [`SHARE_GRACE`] gives
+//! first, so one address cannot keep the budget from others; a busy honest address (a sidecar opening many connections
 //! at once) is still never evicted ahead of silent or stalled junk, and
 //! while there is room nothing is limited at all.
 //! While the budget is under pressure (three quarters full), a pending
@@ -49,6 +53,16 @@ use crate::ops::metrics::{Counter, Gauge, Metrics};
 /// slow intercontinental round trip, and a fifth of the default
 /// `-handshake-timeout`.
 pub const PRESSURE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a new connection is spared eviction while older ones remain:
+/// time for its task to read what the peer sent, so its progress is seen.
+/// An honest client's ClientHello is already in the socket by then.
+pub const FIRST_LOOK: Duration = Duration::from_millis(100);
+
+/// How long a pending handshake is spared the per-address share: an honest
+/// handshake is done within a round trip or two, so one that has lasted this
+/// long from an address holding more than its share is likely junk.
+pub const SHARE_GRACE: Duration = Duration::from_millis(250);
 
 /// How far a pending handshake has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -173,17 +187,30 @@ impl Admission {
         let mut st = self.lock();
         if self.budget > 0 {
             if st.entries.len() >= self.budget {
-                // Full: the least progress gives first; among equals, an
-                // address over its share, then the oldest.
+                // Full: a handshake younger than FIRST_LOOK is spared while
+                // there is an older one (an unpolled honest connection looks
+                // silent); then the least progress gives first; among equals, an
+                // address over its share whose handshake has lasted past
+                // SHARE_GRACE; then the oldest. The grace spares a busy
+                // honest address: its handshakes are young (an honest one
+                // is done in a round trip), a junk one ages at once.
                 let over = |e: &Entry| {
                     self.per_source > 0
+                        && now.duration_since(e.since) >= SHARE_GRACE
                         && st.by_source.get(&e.source).copied().unwrap_or(0) > self.per_source
                 };
                 let victim = st
                     .entries
                     .iter()
                     .min_by_key(|(id, e)| {
-                        (e.progress.load(Ordering::Relaxed), !over(e), e.since, **id)
+                        let fresh = now.duration_since(e.since) < FIRST_LOOK;
+                        (
+                            fresh,
+                            e.progress.load(Ordering::Relaxed),
+                            !over(e),
+                            e.since,
+                            **id,
+                        )
                     })
                     .map(|(id, e)| {
                         (
@@ -363,23 +390,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_address_over_its_share_gives_first_when_full() {
         let (a, m) = admission(4, 2);
+        let other = a.admit(ip(9));
         let own: Vec<Pending> = (0..3).map(|_| a.admit(ip(1))).collect();
         assert!(
             own.iter().all(|p| !p.evict.is_cancelled()),
             "room: a burst is fine"
         );
-        let other = a.admit(ip(9));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        let newcomer = a.admit(ip(8));
-        assert!(!other.evict.is_cancelled(), "within its share: protected");
+        other.advance(Progress::Hello);
+        own.iter().for_each(|p| p.advance(Progress::Hello));
+
+        // Young: the share is not held against a busy address yet, and the
+        // oldest gives.
+        let young = a.admit(ip(8));
+        assert!(other.evict.is_cancelled(), "the oldest, within its share");
+        assert_eq!(m.evictions("inbound", "budget").get(), 1);
+        young.advance(Progress::Hello);
+
+        // Past the grace, the address over its share gives first, though
+        // the newcomer's neighbour is older.
+        tokio::time::advance(SHARE_GRACE).await;
+        let newcomer = a.admit(ip(7));
         assert!(
             own[0].evict.is_cancelled(),
             "the over-share address's oldest gave"
         );
         assert_eq!(own[0].evicted().await, Eviction::Source);
-        assert!(!newcomer.evict.is_cancelled());
+        assert!(!young.evict.is_cancelled() && !newcomer.evict.is_cancelled());
         assert_eq!(m.evictions("inbound", "source").get(), 1);
-        assert_eq!(m.evictions("inbound", "budget").get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -394,6 +431,31 @@ mod tests {
             "the silent one gives, though within its share"
         );
         assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_ones_go_by_age_whatever_their_address() {
+        let (a, _) = admission(3, 1);
+        let junk = a.admit(ip(7));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // A busy address's newest connections, not yet polled.
+        let busy: Vec<Pending> = (0..2).map(|_| a.admit(ip(1))).collect();
+        let _newcomer = a.admit(ip(8));
+        assert!(junk.evict.is_cancelled(), "the oldest silent one gives");
+        assert!(busy.iter().all(|p| !p.evict.is_cancelled()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_gets_a_first_look_before_it_can_be_evicted() {
+        let (a, _) = admission(2, 0);
+        let stalled = a.admit(ip(7));
+        stalled.advance(Progress::Partial);
+        tokio::time::advance(FIRST_LOOK).await;
+        // Not yet polled: looks silent, but is younger than FIRST_LOOK.
+        let unpolled = a.admit(ip(1));
+        let _newcomer = a.admit(ip(8));
+        assert!(stalled.evict.is_cancelled(), "the older stalled one gives");
+        assert!(!unpolled.evict.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,7 +38,8 @@ use crate::snapshot::Receiver;
 /// What every inbound connection shares.
 pub(crate) struct Inbound {
     pub service: String,
-    pub service_addr: String,
+    /// The local app: TCP, or a Unix socket.
+    pub service_addr: net::LocalApp,
     pub authz: Authorizer,
     /// Latest credentials; each connection takes the current one at accept.
     pub credentials: Receiver<Credentials>,
@@ -153,7 +154,8 @@ async fn handle(
     kill: &CancellationToken,
     pending: Pending,
 ) -> Report {
-    let mut report = Report::new(Direction::Inbound, peer, &ctx.service, None);
+    let me = ctx.credentials.latest().map(|c| c.identity.id.to_string());
+    let mut report = Report::new(Direction::Inbound, peer, &ctx.service, me);
     net::tune_accepted(&stream);
     let (mut tls, credentials) = match handshake(ctx, stream, &pending, kill).await {
         Ok(done) => done,
@@ -177,7 +179,10 @@ async fn handle(
         }
     };
     drop(pending);
-    report.destination = Some(credentials.identity.id.to_string());
+    if report.destination.is_none() {
+        // Certificates arrived while this handshake waited for them.
+        report.destination = Some(credentials.identity.id.to_string());
+    }
     ctx.metrics
         .handshake("server", tls.get_ref().1.handshake_kind());
     // The established budget: a slot may have gone to a racing handshake
@@ -222,14 +227,33 @@ async fn handle(
     }
     ctx.metrics.authz_allowed.inc();
 
-    report.target = Some(ctx.service_addr.clone());
-    let mut app = match net::bounded(
-        ctx.timeouts.local_connect,
-        kill,
-        net::dial(&ctx.service_addr),
-    )
-    .await
-    {
+    report.target = Some(ctx.service_addr.to_string());
+    match &ctx.service_addr {
+        net::LocalApp::Tcp(addr) => {
+            let app = net::bounded(ctx.timeouts.local_connect, kill, net::dial(addr)).await;
+            carry(ctx, tls, app, identity, report, kill).await
+        }
+        net::LocalApp::Unix(path) => {
+            let app = net::bounded(ctx.timeouts.local_connect, kill, net::dial_unix(path)).await;
+            carry(ctx, tls, app, identity, report, kill).await
+        }
+    }
+}
+
+/// The allowed connection's last part: the dialed local app (or why it
+/// could not be dialed), then bytes both ways until done or revoked.
+async fn carry<S>(
+    ctx: &Inbound,
+    mut tls: TlsStream<TcpStream>,
+    app: Result<S, PhaseError<io::Error>>,
+    identity: crate::identity::PeerIdentity,
+    mut report: Report,
+    kill: &CancellationToken,
+) -> Report
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut app = match app {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics.local_connect_failed.inc();

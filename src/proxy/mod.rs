@@ -3,6 +3,7 @@
 //! - [`inbound`]: the public mTLS listener (mesh peers in, local app out);
 //! - [`upstream`]: the local listeners (our app in, mTLS to an instance out);
 //! - [`balancer`]: round robin over an upstream's instances, with ejection;
+//! - [`expose`]: plain-HTTP listeners for exposed paths (`Proxy.Expose`);
 //! - [`splice`]: moving bytes both ways with half-close;
 //! - [`limits`]: caps on what a flood can make ferry hold;
 //! - [`net`]: sockets, accept, phase timeouts; [`report`]: the per-connection
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 pub mod admission;
 pub mod balancer;
+pub mod expose;
 pub mod inbound;
 pub mod limits;
 pub mod live;

@@ -1,12 +1,15 @@
 //! Socket plumbing shared by both listeners: per-socket options, dialing, and
 //! the one helper that bounds every slow phase of a connection.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 /// The steps a connection goes through; logs and errors name the one that failed.
@@ -223,9 +226,219 @@ pub async fn accept(
     }
 }
 
+/// Where a local listener binds: a TCP address, or a Unix socket file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddr {
+    Tcp(SocketAddr),
+    Unix(UnixBind),
+}
+
+/// A Unix socket file to listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixBind {
+    pub path: PathBuf,
+    /// File mode bits to set once bound (`LocalBindSocketMode`); `None`
+    /// leaves what the umask gave.
+    pub mode: Option<u32>,
+}
+
+impl fmt::Display for BindAddr {
+    /// `127.0.0.1:9191`, or `unix:/path/to.sock`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BindAddr::Tcp(a) => write!(f, "{a}"),
+            BindAddr::Unix(u) => write!(f, "unix:{}", u.path.display()),
+        }
+    }
+}
+
+/// A bound local listener of either kind.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
+}
+
+impl Listener {
+    /// Binds `addr` ([`listen`] or [`listen_unix`]).
+    pub fn bind(addr: &BindAddr) -> io::Result<Listener> {
+        match addr {
+            BindAddr::Tcp(a) => listen(*a).map(Listener::Tcp),
+            BindAddr::Unix(u) => listen_unix(u).map(Listener::Unix),
+        }
+    }
+
+    /// What it is bound to (the actual port when 0 was asked for).
+    pub fn bound(&self, asked: &BindAddr) -> BindAddr {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map_or(asked.clone(), BindAddr::Tcp),
+            Listener::Unix(_) => asked.clone(),
+        }
+    }
+}
+
+/// A Unix socket listener that owns its file: removed when dropped, but
+/// only while the path still names the socket this listener created.
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the file at bind time.
+    id: (u64, u64),
+}
+
+impl UnixSocket {
+    /// The socket file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.file_type().is_socket() && (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds a Unix socket at `bind.path`. A file already there is removed
+/// first only if it is a socket nobody accepts on (left by a process that
+/// died); anything else there is an error, and is left alone.
+pub fn listen_unix(bind: &UnixBind) -> io::Result<UnixSocket> {
+    let path = &bind.path;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process accepts on this socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; not removing it",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    let m = std::fs::symlink_metadata(path)?;
+    let socket = UnixSocket {
+        listener,
+        path: path.clone(),
+        id: (m.dev(), m.ino()),
+    };
+    if let Some(mode) = bind.mode {
+        // On error `socket` drops and removes the file.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(socket)
+}
+
+/// [`accept`] for a Unix socket listener.
+pub async fn accept_unix(
+    listener: &UnixSocket,
+    cancel: &CancellationToken,
+    what: &str,
+) -> Option<UnixStream> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return None,
+            r = listener.listener.accept() => match r {
+                Ok((s, _)) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+        }
+    }
+}
+
+/// Where the local app is dialed: `host:port`, or `unix:/path` for a Unix
+/// socket (`Proxy.LocalServiceSocketPath`, `-service-addr unix:PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalApp {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl LocalApp {
+    /// Reads the `unix:` prefix; anything else is a TCP dial target.
+    pub fn parse(s: &str) -> LocalApp {
+        match s.strip_prefix("unix:") {
+            Some(path) => LocalApp::Unix(PathBuf::from(path)),
+            None => LocalApp::Tcp(s.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for LocalApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalApp::Tcp(a) => f.write_str(a),
+            LocalApp::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Dials a Unix socket.
+pub async fn dial_unix(path: &Path) -> io::Result<UnixStream> {
+    UnixStream::connect(path).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unix_listener_replaces_a_stale_socket_refuses_other_files_and_cleans_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("up.sock");
+        // A stale socket: bound, then its listener gone without removing it.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        assert!(path.exists());
+        let bind = UnixBind {
+            path: path.clone(),
+            mode: Some(0o660),
+        };
+        let l = listen_unix(&bind).expect("replaces the stale socket");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let e = listen_unix(&bind).err().expect("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
+        assert!(!path.exists(), "removed at drop");
+
+        std::fs::write(&path, b"data").expect("plain file");
+        let e = listen_unix(&bind).err().expect("not a socket");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).expect("left alone"), b"data");
+    }
+
+    #[test]
+    fn local_app_targets() {
+        assert_eq!(
+            LocalApp::parse("127.0.0.1:80"),
+            LocalApp::Tcp("127.0.0.1:80".into())
+        );
+        assert_eq!(
+            LocalApp::parse("unix:/run/app.sock"),
+            LocalApp::Unix("/run/app.sock".into())
+        );
+        assert_eq!(LocalApp::parse("unix:/a").to_string(), "unix:/a");
+    }
 
     /// Accepted sockets get no-delay and keepalive, whether copied from the
     /// listener (Linux) or set again.

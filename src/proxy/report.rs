@@ -60,12 +60,34 @@ impl Outcome {
     }
 }
 
+/// Who connected: a TCP peer's address, or a process on a Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Addr(SocketAddr),
+    Unix,
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(a: SocketAddr) -> Peer {
+        Peer::Addr(a)
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Addr(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
 /// Everything the close log line says.
 #[derive(Debug)]
 pub struct Report {
     pub direction: Direction,
-    /// The downstream peer's address.
-    pub peer: SocketAddr,
+    /// The downstream peer.
+    pub peer: Peer,
     /// The upstream name (upstream connections) or our service (inbound).
     pub service: String,
     /// Who is connecting: inbound, the client's SPIFFE ID once verified;
@@ -95,7 +117,7 @@ impl Report {
     /// ID, when we have certificates.
     pub fn new(
         direction: Direction,
-        peer: SocketAddr,
+        peer: impl Into<Peer>,
         service: &str,
         me: Option<String>,
     ) -> Report {
@@ -105,7 +127,7 @@ impl Report {
         };
         Report {
             direction,
-            peer,
+            peer: peer.into(),
             service: service.to_string(),
             source,
             destination,

@@ -9,10 +9,9 @@
 //! instance before its identity is proven, so retrying is always safe: the
 //! app's first bytes wait in the kernel until a connection is established.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +22,8 @@ use crate::identity::tls::Credentials;
 use crate::ops::metrics::{Metrics, UpstreamMetrics};
 use crate::proxy::balancer::{Balancer, Failure};
 use crate::proxy::limits::Limit;
-use crate::proxy::net::{self, Phase};
-use crate::proxy::report::{Direction, Outcome, Report};
+use crate::proxy::net::{self, Listener, Phase};
+use crate::proxy::report::{Direction, Outcome, Peer, Report};
 use crate::proxy::splice::{splice, Timers};
 use crate::snapshot::Receiver;
 
@@ -45,42 +44,63 @@ pub(crate) struct Upstream {
 }
 
 /// Accepts until `stop` fires; connections run on `tracker` and end early
-/// when `kill` fires.
+/// when `kill` fires. TCP and Unix listeners share everything after accept
+/// (the connection code is generic over the local stream).
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     ctx: Arc<Upstream>,
     stop: CancellationToken,
     kill: CancellationToken,
     tracker: TaskTracker,
 ) {
-    while let Some((stream, peer)) = net::accept(&listener, &stop, &ctx.name).await {
-        ctx.m.accepted.inc();
-        let Some(permit) = ctx.conn_limit.try_take() else {
-            continue;
-        };
-        let ctx = ctx.clone();
-        let kill = kill.clone();
-        tracker.spawn(async move {
-            ctx.m.active.inc();
-            let report = handle(&ctx, stream, peer, &kill).await;
-            ctx.m.active.dec();
-            drop(permit);
-            ctx.metrics
-                .closed("upstream", &ctx.name, report.outcome.label());
-            report.log();
-        });
+    match listener {
+        Listener::Tcp(l) => {
+            while let Some((stream, peer)) = net::accept(&l, &stop, &ctx.name).await {
+                net::tune_accepted(&stream);
+                start(&ctx, stream, peer.into(), &kill, &tracker);
+            }
+        }
+        Listener::Unix(l) => {
+            while let Some(stream) = net::accept_unix(&l, &stop, &ctx.name).await {
+                start(&ctx, stream, Peer::Unix, &kill, &tracker);
+            }
+        }
     }
 }
 
-async fn handle(
-    ctx: &Upstream,
-    mut local: TcpStream,
-    peer: SocketAddr,
+/// Takes a connection slot and starts the connection's task.
+fn start<S>(
+    ctx: &Arc<Upstream>,
+    stream: S,
+    peer: Peer,
     kill: &CancellationToken,
-) -> Report {
+    tracker: &TaskTracker,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    ctx.m.accepted.inc();
+    let Some(permit) = ctx.conn_limit.try_take() else {
+        return;
+    };
+    let ctx = ctx.clone();
+    let kill = kill.clone();
+    tracker.spawn(async move {
+        ctx.m.active.inc();
+        let report = handle(&ctx, stream, peer, &kill).await;
+        ctx.m.active.dec();
+        drop(permit);
+        ctx.metrics
+            .closed("upstream", &ctx.name, report.outcome.label());
+        report.log();
+    });
+}
+
+async fn handle<S>(ctx: &Upstream, mut local: S, peer: Peer, kill: &CancellationToken) -> Report
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut report = Report::new(Direction::Upstream, peer, &ctx.name, None);
     report.phase = Phase::Pick;
-    net::tune_accepted(&local);
     let deadline = Instant::now() + ctx.timeouts.upstream_deadline;
     let credentials = match ctx.credentials.latest() {
         Some(c) => c,

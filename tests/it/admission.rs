@@ -49,7 +49,7 @@ impl Flood {
     /// half-open, 200 stalled ClientHellos, 100 of random bytes and 20 of
     /// plain HTTP, scaled down when the descriptor limit is low.
     pub fn measured(first: u8, last: u8) -> Flood {
-        let room = soft_nofile_limit().saturating_sub(600) as usize;
+        let room = soft_nofile_limit().saturating_sub(600);
         let silent = 2000.min(room.saturating_sub(320));
         Flood {
             silent,
@@ -131,17 +131,6 @@ async fn junk(addr: SocketAddr, src: Ipv4Addr, kind: u8, n: usize) -> std::io::R
     Ok(s)
 }
 
-/// The soft descriptor limit of this process.
-fn soft_nofile_limit() -> u64 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024)
-}
-
 /// How the honest connections made during a flood fared.
 #[derive(Debug)]
 pub struct Honest {
@@ -192,44 +181,6 @@ pub async fn honest(addr: SocketAddr, web: &Leaf, n: usize, every: Duration) -> 
     out
 }
 
-/// An `api` ferry process with an admin listener, in front of an echo app.
-struct Target {
-    web: Leaf,
-    app: EchoServer,
-    ferry: FerryProcess,
-    inbound: SocketAddr,
-    _pki: Pki,
-}
-
-impl Target {
-    async fn start(extra: &[&str]) -> Target {
-        let pki = Pki::new();
-        pki.leaf("api");
-        let web = pki.leaf("web");
-        let app = EchoServer::start().await;
-        let (dir, app_addr) = (pki.dir_arg(), app.addr_arg());
-        let ferry = FerryProcess::start(&api_args(&dir, &app_addr, extra));
-        let inbound = ferry.listen_addr("inbound listener ready").await;
-        Target {
-            web,
-            app,
-            ferry,
-            inbound,
-            _pki: pki,
-        }
-    }
-
-    fn assert_alive(&mut self, during: &str) {
-        if let Some(status) = self.ferry.try_exit() {
-            let log = self.ferry.stop();
-            panic!(
-                "during {during}: ferry exited with {status}:\n{}",
-                log[log.len().saturating_sub(20)..].join("\n")
-            );
-        }
-    }
-}
-
 /// Holds a flood open against a default-limits ferry while honest clients
 /// connect and an established connection echoes; then closes the junk and
 /// checks that descriptors and memory come back.
@@ -258,7 +209,7 @@ async fn flood_scenario(name: &str, flood: Flood) {
         .await
         .expect("flood task");
     echo_once(&mut live, b"with the flood held").await;
-    fx.assert_alive(name);
+    fx.assert_alive(&format!("{name}, held"));
     let (rss_peak, fds_peak) = proc_usage(pid);
     eprintln!(
         "{name}: {} junk connections held; honest {}/{} within {HONEST_LIMIT:?}, p99 {:?}, \
@@ -298,7 +249,7 @@ async fn flood_scenario(name: &str, flood: Flood) {
         closed_at.elapsed()
     );
     echo_once(&mut live, b"after the flood").await;
-    fx.assert_alive(name);
+    fx.assert_alive(&format!("{name}, closed"));
     assert_eq!(
         fx.app.counts.accepted(),
         1 + honest.times.len(),
@@ -354,7 +305,7 @@ async fn an_upstream_flood_from_the_app_does_not_starve_the_inbound_side() {
     let inbound = ferry.listen_addr("inbound listener ready").await;
     let upstream = ferry.listen_addr("upstream listener ready").await;
 
-    let n = 1500.min(soft_nofile_limit().saturating_sub(600) as usize);
+    let n = 1500.min(soft_nofile_limit().saturating_sub(600));
     let mut set = JoinSet::new();
     for _ in 0..n {
         set.spawn(tokio::time::timeout(

@@ -13,21 +13,12 @@ use crate::support::*;
 
 /// An upstream ferry for `web` whose `api` upstream has `instances`, plus extra flags.
 async fn web_ferry(pki: &Pki, instances: &[SocketAddr], extra: &[&str]) -> Ferry {
-    let list: Vec<String> = instances.iter().map(|a| a.to_string()).collect();
-    let inst = format!("api={}", list.join(","));
     let dir = pki.dir_arg();
-    let mut args = vec![
-        "-service",
-        "web",
-        "-upstream",
-        "api:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ];
-    args.extend_from_slice(extra);
-    Ferry::start(&args).await
+    StandaloneArgs::new("web", &dir)
+        .upstream("api", instances)
+        .extra(extra)
+        .start()
+        .await
 }
 
 /// Three healthy instances each get an equal share, in turn.

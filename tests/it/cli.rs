@@ -158,21 +158,10 @@ fn bad_flags_exit_64_and_name_the_flag() {
     let dir = pki.dir_arg();
     // A valid proxy, inbound only; each case adds or removes one thing.
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "-service",
-            "web",
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            "127.0.0.1:9",
-            "-certs",
-            &dir,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+        StandaloneArgs::new("web", &dir)
+            .listen("127.0.0.1:9")
+            .extra(extra)
+            .to_vec()
     };
     let owned = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
     let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
@@ -471,16 +460,7 @@ fn bad_certificate_files_exit_64_and_name_the_file() {
     for c in &cases {
         let dir = cert_dir(&c.files);
         let d = path_str(dir.path());
-        let run = ferry(&[
-            "-service",
-            "web",
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            "127.0.0.1:9",
-            "-certs",
-            &d,
-        ]);
+        let run = ferry(&StandaloneArgs::new("web", &d).listen("127.0.0.1:9").args());
         let expect: Vec<String> = c.expect.iter().map(|e| e.replace("{dir}", &d)).collect();
         let expect: Vec<&str> = expect.iter().map(String::as_str).collect();
         problems.extend(run.usage_error_problems(c.name, &expect));
@@ -519,24 +499,12 @@ fn config_errors_are_reported_before_anything_binds() {
     let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let port = held.local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    let upstream = format!("db:127.0.0.1:{port}");
 
     let inbound = |certs: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "-service",
-            "web",
-            "-listen",
-            &listen,
-            "-service-addr",
-            "127.0.0.1:9",
-            "-certs",
-            certs,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+        StandaloneArgs::new("web", certs)
+            .listen_on(&listen, "127.0.0.1:9")
+            .extra(extra)
+            .to_vec()
     };
 
     // Control: valid flags on the held port fail at bind time, exit 1.
@@ -573,16 +541,9 @@ fn config_errors_are_reported_before_anything_binds() {
         ),
         (
             "leaf for another service, upstream port held",
-            vec![
-                "-service".into(),
-                "web".into(),
-                "-upstream".into(),
-                upstream.clone(),
-                "-upstream-addr".into(),
-                "db=127.0.0.1:1".into(),
-                "-certs".into(),
-                wrong_dir.clone(),
-            ],
+            StandaloneArgs::new("web", &wrong_dir)
+                .upstream_on("db", &listen, &["127.0.0.1:1"])
+                .to_vec(),
             vec!["leaf certificate is for service \"api\"".into()],
         ),
     ];

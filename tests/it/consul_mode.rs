@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry::identity::dev_ca::{DevCa, Leaf};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,10 +172,6 @@ async fn assert_refused(addr: SocketAddr, what: &str) {
     }
 }
 
-fn first_cert(pem: &str) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).expect("certificate")
-}
-
 /// The certificate ferry's public listener at `addr` presents to a raw
 /// client holding `client`; the connection is checked to echo.
 async fn presented(addr: SocketAddr, client: &Leaf) -> CertificateDer<'static> {
@@ -196,13 +191,8 @@ async fn presented(addr: SocketAddr, client: &Leaf) -> CertificateDer<'static> {
 /// What the agent answers on `/v1/agent/connect/ca/leaf/<service>` now
 /// (an extra call in its log), asking with `token` if given.
 async fn agent_leaf(agent: &FakeAgent, service: &str, token: Option<&str>) -> Value {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client");
     let url = format!("{}/v1/agent/connect/ca/leaf/{service}", agent.url());
-    let mut req = http.get(url);
+    let mut req = http().get(url);
     if let Some(t) = token {
         req = req.header("X-Consul-Token", t);
     }
@@ -211,16 +201,6 @@ async fn agent_leaf(agent: &FakeAgent, service: &str, token: Option<&str>) -> Va
         .expect("GET leaf");
     assert!(resp.status().is_success(), "leaf: {}", resp.status());
     resp.json().await.expect("leaf JSON")
-}
-
-/// Consul's serial format: lower-case hex bytes joined by colons.
-fn is_colon_hex(s: &str) -> bool {
-    !s.is_empty()
-        && s.split(':').all(|p| {
-            p.len() == 2
-                && p.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
 }
 
 /// One agent, an `api` ferry in front of an echo app, a `web` ferry with an
@@ -1188,7 +1168,10 @@ async fn a_refused_token_is_logged_once_and_nothing_is_served() {
     assert_eq!(acl.len(), 1, "logged once per change of state: {lines:#?}");
     assert!(acl[0].contains("403"), "{}", acl[0]);
     assert!(acl[0].contains("leaf"), "names the endpoint: {}", acl[0]);
-    let denied: Vec<&String> = anon_lines.iter().filter(|l| l.contains("403")).collect();
+    let denied: Vec<&String> = anon_lines
+        .iter()
+        .filter(|l| l.contains("HTTP 403"))
+        .collect();
     assert_eq!(denied.len(), 1, "logged once: {anon_lines:#?}");
     assert!(
         denied[0].contains(r#"missing_permission=service:write on "billing""#),

@@ -19,22 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::support::*;
 
-const MSG: &[u8] = b"ping through the mesh";
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// A mesh client presenting `leaf` to `addr`, connected and handshaken.
-async fn mesh_client(addr: SocketAddr, leaf: &Leaf) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp))
-        .await
-        .expect("handshake")
-}
-
-/// One full echo (send, half-close, read to EOF) as a mesh client.
-async fn mesh_echo(addr: SocketAddr, leaf: &Leaf) -> io::Result<Vec<u8>> {
-    let mut tls = mesh_client(addr, leaf).await;
-    round_trip(&mut tls, MSG).await
-}
 
 /// Reads until the connection ends (EOF or error), within the deadline, and
 /// returns the bytes that still arrived.
@@ -47,18 +32,7 @@ async fn read_until_end<S: tokio::io::AsyncRead + Unpin>(s: &mut S, what: &str) 
 /// An `api` inbound ferry in front of `app` (an address), with its certs.
 async fn api_ferry(pki: &Pki, app: SocketAddr) -> Ferry {
     let dir = pki.dir_arg();
-    let app = app.to_string();
-    Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app,
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("api", &dir).listen(app).start().await
 }
 
 /// The local app refuses connections (nothing listens on `-service-addr`):
@@ -73,7 +47,7 @@ async fn local_app_refusing_fails_the_connection_until_it_comes_up() {
     let app_addr = dead_addr().await;
     let ferry = api_ferry(&pki, app_addr).await;
 
-    let got = mesh_echo(ferry.inbound(), &web).await;
+    let got = round_trip(&mut mesh_conn(ferry.inbound(), &web).await, MSG).await;
     assert!(
         got.as_ref()
             .map_or_else(|e| e.kind() != io::ErrorKind::TimedOut, |b| b.is_empty()),
@@ -88,7 +62,8 @@ async fn local_app_refusing_fails_the_connection_until_it_comes_up() {
     assert_eq!(m.inbound_active.get(), 0);
 
     let app = EchoServer::on(TcpListener::bind(app_addr).await.expect("rebind app port"));
-    assert_eq!(mesh_echo(ferry.inbound(), &web).await.expect("echo"), MSG);
+    let got = round_trip(&mut mesh_conn(ferry.inbound(), &web).await, MSG).await;
+    assert_eq!(got.expect("echo"), MSG);
     assert_eq!(app.counts.accepted(), 1);
     eventually("the good connection to be counted done", || {
         closed_count(m, "inbound", "api", "done") == 1
@@ -124,19 +99,10 @@ async fn local_app_reset_mid_stream_ends_the_peer_connection() {
     let app_addr = listener.local_addr().unwrap().to_string();
     let app = resetting_app(listener, 4);
     let dir = pki.dir_arg();
-    let mut ferry = FerryProcess::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ]);
+    let mut ferry = FerryProcess::start(&api_args(&dir, &app_addr, &[]));
     let addr = ferry.listen_addr("inbound listener ready").await;
 
-    let mut tls = mesh_client(addr, &web).await;
+    let mut tls = mesh_conn(addr, &web).await;
     tls.write_all(MSG).await.expect("send");
     tls.flush().await.expect("flush");
     let got = read_until_end(&mut tls, "the mesh connection to end after the app reset").await;
@@ -147,7 +113,8 @@ async fn local_app_reset_mid_stream_ends_the_peer_connection() {
 
     let listener = within("the app to reset", app).await.unwrap();
     let _app = EchoServer::on(listener);
-    assert_eq!(mesh_echo(addr, &web).await.expect("echo"), MSG);
+    let got = round_trip(&mut mesh_conn(addr, &web).await, MSG).await;
+    assert_eq!(got.expect("echo"), MSG);
     ferry.line("connection closed").await;
     let lines = ferry.stop();
     let failures = lines.iter().filter(|l| l.contains("connection failed"));
@@ -186,18 +153,10 @@ async fn upstream_instance_dying_mid_stream_ends_the_local_connection() {
     let inst_addr = listener.local_addr().unwrap();
     let instance = dying_instance(&pki, &api, listener);
     let dir = pki.dir_arg();
-    let inst = format!("api={inst_addr}");
-    let web = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let web = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[inst_addr])
+        .start()
+        .await;
 
     let mut s = TcpStream::connect(web.upstream("api")).await.unwrap();
     s.write_all(MSG).await.unwrap();
@@ -234,9 +193,9 @@ async fn upstream_instance_dying_mid_stream_ends_the_local_connection() {
 /// closed, the gauge returns to 0, one close is counted with `outcome`, and
 /// a fresh connection is echoed.
 async fn peer_vanishes(reset: bool, outcome: &'static str) {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     let web = mesh.pki.issue(&LeafSpec::consul(mesh.pki.uri("web"), HOUR));
-    let mut tls = mesh_client(mesh.server.inbound(), &web).await;
+    let mut tls = mesh_conn(mesh.server.inbound(), &web).await;
     tls.write_all(MSG).await.unwrap();
     tls.flush().await.unwrap();
     let mut echo = vec![0u8; MSG.len()];

@@ -7,7 +7,6 @@
 //! counted), the local app never sees it, and a genuine mTLS client is
 //! served afterwards by the same, still running, process.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,131 +26,11 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-const MSG: &[u8] = b"ping through the mesh";
-
 /// A refusal by the TLS stack (not by a timeout) must be seen within this long.
 const AT_ONCE: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------
-// The target: an `api` ferry process in front of an echo app.
-
-/// An `api` ferry process (with an admin listener) in front of an echo
-/// app, and a genuine `web` leaf it accepts.
-struct Target {
-    pki: Pki,
-    web: Leaf,
-    app: EchoServer,
-    ferry: FerryProcess,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Target {
-    /// Starts the binary with `extra` flags added and waits until both
-    /// listeners are ready.
-    async fn start(extra: &[&str]) -> Target {
-        let pki = Pki::new();
-        pki.leaf("api");
-        let web = pki.leaf("web");
-        let app = EchoServer::start().await;
-        let (dir, app_addr) = (pki.dir_arg(), app.addr_arg());
-        let mut args = api_args(&dir, &app_addr, &["-admin-addr", "127.0.0.1:0"]);
-        args.extend_from_slice(extra);
-        let ferry = FerryProcess::start(&args);
-        let inbound = ferry.listen_addr("inbound listener ready").await;
-        let admin = ferry.listen_addr("admin listener ready").await;
-        Target {
-            pki,
-            web,
-            app,
-            ferry,
-            inbound,
-            admin,
-        }
-    }
-
-    /// Resident memory (KiB) and open descriptors of the ferry process.
-    fn proc_usage(&self) -> (u64, usize) {
-        proc_usage(self.ferry.pid())
-    }
-
-    /// The process has not exited (crashed, aborted, run out of memory).
-    fn assert_alive(&mut self, after: &str) {
-        if let Some(status) = self.ferry.try_exit() {
-            let log = self.ferry.stop();
-            panic!(
-                "after {after}: ferry exited with {status}; its last lines:\n{}",
-                log[log.len().saturating_sub(20)..].join("\n")
-            );
-        }
-    }
-
-    /// A fresh genuine `web` client round-trips through the same listener,
-    /// and the app sees exactly that one connection more.
-    async fn assert_still_serves(&mut self, after: &str) {
-        self.assert_alive(after);
-        let before = self.app.counts.accepted();
-        let got = within(
-            &format!("a genuine client after {after}"),
-            mesh_echo(self.inbound, &self.web),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("after {after}: a genuine client failed: {e}"));
-        assert!(got == MSG, "after {after}: got {got:?} instead of the echo");
-        assert_eq!(
-            self.app.counts.accepted(),
-            before + 1,
-            "after {after}: the app sees the genuine client, once"
-        );
-    }
-
-    async fn scrape(&self) -> Scrape {
-        scrape(self.admin).await
-    }
-}
-
-/// A mesh client's handshake and one echo to `addr`, presenting `leaf`.
-async fn mesh_echo(addr: SocketAddr, leaf: &Leaf) -> io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = raw_client(Some(leaf)).connect(any_name(), tcp).await?;
-    round_trip(&mut tls, MSG).await
-}
-
-/// True if an echo attempt was refused: the connection failed or closed with
-/// nothing echoed, rather than answering or being left hanging. (With TLS
-/// 1.3 the client's side of the handshake completes before the server has
-/// checked the client's certificate, so the refusal often shows only on the
-/// first read.)
-fn refused(r: &io::Result<Vec<u8>>) -> bool {
-    match r {
-        Ok(got) => got.is_empty(),
-        Err(e) => e.kind() != io::ErrorKind::TimedOut,
-    }
-}
-
-/// This process's soft limit on open descriptors, from `/proc/self/limits`
-/// (the crate forbids `unsafe`, so no `getrlimit`; and raising the limit
-/// would need it, so the test sizes itself to the limit instead).
-fn soft_nofile_limit() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .expect("a numeric 'Max open files' soft limit")
-}
-
-// ---------------------------------------------------------------------------
 // /metrics, read as a Prometheus scraper would.
-
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
-}
 
 async fn scrape(admin: SocketAddr) -> Scrape {
     scrape_with(&http(), admin).await
@@ -182,7 +61,7 @@ fn total(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 async fn failed_handshakes_reach(fx: &Target, want: f64, what: &str) -> Scrape {
     let deadline = Instant::now() + DEADLINE;
     let after = loop {
-        let s = fx.scrape().await;
+        let s = scrape(fx.admin).await;
         if total(&s, HANDSHAKE_FAILED, &[]) >= want {
             break s;
         }
@@ -390,7 +269,7 @@ async fn ten_thousand_half_open_connections_are_shed_and_established_traffic_con
     let mut fx = Target::start(&["-handshake-timeout", "2s"]).await;
     let mut live = mesh_conn(fx.inbound, &fx.web).await;
     echo_once(&mut live, b"before the flood").await;
-    let before = fx.scrape().await;
+    let before = scrape(fx.admin).await;
     assert_eq!(total(&before, REFUSED, &[]), 0.0, "nothing refused yet");
     let (rss0, fds0) = fx.proc_usage();
 
@@ -469,7 +348,7 @@ async fn ten_thousand_half_open_connections_are_shed_and_established_traffic_con
     let want_accepted = (held_count + 2) as f64;
     let scrape_deadline = Instant::now() + DEADLINE;
     let after = loop {
-        let s = fx.scrape().await;
+        let s = scrape(fx.admin).await;
         let flood_counted = total(&s, EVICTED, &[]) + total(&s, HANDSHAKE_FAILED, &[]);
         if total(&s, ACCEPTED, &[]) == want_accepted && flood_counted == held_count as f64 {
             break s;
@@ -613,7 +492,7 @@ async fn assert_chain_accepted(fx: &mut Target, name: &str, leaf: &Leaf) {
 /// never reaches the app; then a genuine client is still served. Returns
 /// how long the refusal took and the `reason` label ferry counted.
 async fn assert_chain_refused(fx: &mut Target, name: &str, leaf: &Leaf) -> (Duration, String) {
-    let before = fx.scrape().await;
+    let before = scrape(fx.admin).await;
     let app_before = fx.app.counts.accepted();
     let t = Instant::now();
     let r = within(name, mesh_echo(fx.inbound, leaf)).await;
@@ -979,7 +858,7 @@ async fn a_huge_client_hello_is_refused_without_harm() {
         send_hostile(addr, first, 0).await;
     }
     let warm_app = fx.app.counts.accepted();
-    let before = fx.scrape().await;
+    let before = scrape(fx.admin).await;
     let failed_before = total(&before, HANDSHAKE_FAILED, &[]);
     let (rss0, _) = fx.proc_usage();
 

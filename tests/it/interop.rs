@@ -340,17 +340,7 @@ impl Drop for LineApp {
 async fn inbound_api(pki: &Pki, app: &LineApp) -> Ferry {
     let dir = pki.dir_arg();
     let app_addr = app.addr.to_string();
-    Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ])
-    .await
+    Ferry::start(&api_args(&dir, &app_addr, &[])).await
 }
 
 /// `openssl s_client` to ferry's inbound listener at `addr`, as an Envoy
@@ -492,20 +482,11 @@ async fn openssl_client_without_certificate_is_refused() {
 /// single handshake.
 async fn upstream_web(pki: &Pki, port: u16) -> Ferry {
     let dir = pki.dir_arg();
-    let inst = format!("api=127.0.0.1:{port}");
-    Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-upstream-attempts",
-        "1",
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("web", &dir)
+        .upstream("api", &[loopback(port)])
+        .extra(&["-upstream-attempts", "1"])
+        .start()
+        .await
 }
 
 /// Sends one line through ferry's upstream listener, half-closes, and

@@ -11,14 +11,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry::identity::dev_ca::Leaf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::*;
-
-const MSG: &[u8] = b"ping through the mesh";
 
 /// A refusal must be seen within this long.
 const AT_ONCE: Duration = Duration::from_secs(2);
@@ -40,13 +37,6 @@ async fn assert_refused_at_once(
     assert!(t0.elapsed() < AT_ONCE, "{what}: took {:?}", t0.elapsed());
 }
 
-/// A mesh client's handshake and echo to `addr`.
-async fn mesh_echo(addr: SocketAddr, leaf: &Leaf) -> io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = raw_client(Some(leaf)).connect(any_name(), tcp).await?;
-    round_trip(&mut tls, MSG).await
-}
-
 /// Reads from an already connected socket that sends nothing, until EOF.
 async fn silent_read_on(mut s: TcpStream) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
@@ -61,12 +51,6 @@ async fn silent_read(addr: SocketAddr) -> io::Result<Vec<u8>> {
     let n = s.read(&mut buf).await?;
     buf.truncate(n);
     Ok(buf)
-}
-
-/// A plain client's echo to `addr` (an upstream listener).
-async fn plain_echo(addr: SocketAddr) -> io::Result<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).await?;
-    round_trip(&mut s, MSG).await
 }
 
 /// `-max-conns 2`: with two established mesh connections held, a third is
@@ -169,20 +153,11 @@ async fn max_upstream_conns_refuses_the_second_local_connection() {
     pki.leaf("web");
     let api = TlsEchoServer::start(&pki, &pki.leaf("api")).await;
     let dir = pki.dir_arg();
-    let inst = format!("api={}", api.addr);
-    let ferry = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-        "-max-upstream-conns",
-        "1",
-    ])
-    .await;
+    let ferry = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[api.addr])
+        .extra(&["-max-upstream-conns", "1"])
+        .start()
+        .await;
     let entry = ferry.upstream("api");
 
     let mut held = TcpStream::connect(entry).await.expect("connect");

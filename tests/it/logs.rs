@@ -16,19 +16,11 @@ async fn each_connection_is_logged_once_with_who_what_and_why() {
     let app = EchoServer::start().await;
     let dir = pki.dir_arg();
     let app_addr = app.addr_arg();
-    let ferry = FerryProcess::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
+    let ferry = FerryProcess::start(&api_args(
         &dir,
-        "-allow",
-        "web",
-        "-default-deny",
-    ]);
+        &app_addr,
+        &["-allow", "web", "-default-deny"],
+    ));
     let addr = ferry.listen_addr("inbound listener ready").await;
 
     // Denied: billing.

@@ -17,8 +17,8 @@ mod interop;
 mod envoy;
 // The per-connection log line, read from the binary's stderr.
 mod logs;
-// The fake Consul agent itself behaves like Consul (so failures elsewhere are ferry's).
-mod fake_agent;
+// The fake Consul agent (support::fake_agent) is faithful to Consul, so failures elsewhere are ferry's.
+mod fake_agent_fidelity;
 // Reaching the agent over a unix socket and over https with our own CA and server name.
 mod agent_transport;
 // The binary's command line: bad flags and files give clear errors.
@@ -26,7 +26,10 @@ mod cli;
 // The Nomad job examples in nomad-jobs/ start ferry with flags it accepts.
 mod nomad_jobs;
 // Registration mode (-proxy-id, -sidecar-for) and -register against the fake agent.
+mod expose;
 mod registration;
+mod registration_tuning;
+mod sockets;
 // ferry with a Consul agent: certificates, instances, intentions and agent trouble, against the fake agent.
 mod consul_mode;
 // Admin endpoints (/metrics, /ready, /live, /status), drain on shutdown and signals, access-log fields, TTL check vs leaf lifetime.

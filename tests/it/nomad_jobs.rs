@@ -578,3 +578,85 @@ fn every_mesh_call_in_the_jobs_is_allowed_by_an_intention() {
         );
     }
 }
+
+/// The blocks `job > group > service` of a job file, with their group.
+fn services(body: &Body) -> Vec<(&Block, &Block)> {
+    let mut out = Vec::new();
+    for job in blocks(body, "job") {
+        for group in blocks(job.body(), "group") {
+            for service in blocks(group.body(), "service") {
+                out.push((group, service));
+            }
+        }
+    }
+    out
+}
+
+/// The bridge job exposes add-svc's and sub-svc's HTTP checks through
+/// their sidecars (`expose = true`), and the frontend reaches sub-svc
+/// through a Unix socket upstream whose path its app is given. What Nomad
+/// registers for those (an explicit `Proxy.Expose.Paths` entry, the
+/// socket path and mode) is what ferry derives listeners from.
+#[test]
+fn the_bridge_job_exposes_its_checks_and_has_a_socket_upstream() {
+    let file = "calculator-bridge.nomad.hcl";
+    let body = parse_file(file);
+    let text = std::fs::read_to_string(jobs_dir().join(file)).expect("read");
+    assert!(
+        text.contains(r#"urlparse(self.path).path == "/health""#),
+        "the calculator app answers /health"
+    );
+    let mut exposed = Vec::new();
+    let mut socket = None;
+    for (group, service) in services(&body) {
+        let name = string_attr(service.body(), "name").unwrap_or_default();
+        for check in blocks(service.body(), "check") {
+            let b = check.body();
+            if matches!(attr(b, "expose"), Some(Expression::Bool(true))) {
+                assert_eq!(string_attr(b, "type").as_deref(), Some("http"), "{name}");
+                assert_eq!(string_attr(b, "path").as_deref(), Some("/health"), "{name}");
+                exposed.push(name.clone());
+            }
+        }
+        let proxy = block(service.body(), "connect")
+            .and_then(|c| block(c.body(), "sidecar_service"))
+            .and_then(|s| block(s.body(), "proxy"));
+        for u in proxy.iter().flat_map(|p| blocks(p.body(), "upstreams")) {
+            if let Some(path) = string_attr(u.body(), "local_bind_socket_path") {
+                let mode = string_attr(u.body(), "local_bind_socket_mode").unwrap_or_default();
+                let dest = string_attr(u.body(), "destination_name").unwrap_or_default();
+                socket = Some((label(group), dest, path, mode));
+            }
+        }
+    }
+    assert_eq!(exposed, ["add-svc", "sub-svc"]);
+    let (group, dest, path, mode) = socket.expect("one socket upstream");
+    assert_eq!((group.as_str(), dest.as_str()), ("frontend", "sub-svc"));
+    assert!(
+        text.contains(&format!(r#"SUB_SVC_SOCK = "{path}""#)),
+        "the frontend app is told the socket path {path}"
+    );
+
+    // What Nomad registers for them, through ferry's derivation.
+    let registration = serde_json::json!({
+        "Kind": "connect-proxy", "ID": "frontend-sidecar", "Port": 23000,
+        "Proxy": {
+            "DestinationServiceName": "frontend", "LocalServicePort": 8080,
+            "Config": { "bind_address": "0.0.0.0", "bind_port": 23000 },
+            "Upstreams": [{ "DestinationName": dest, "LocalBindSocketPath": path, "LocalBindSocketMode": mode }],
+            "Expose": { "Paths": [{ "Path": "/health", "LocalPathPort": 8080, "ListenerPort": 23001, "Protocol": "http" }] }
+        }
+    });
+    let svc: ferry::control::agent::api::AgentService =
+        serde_json::from_value(registration).expect("agent service");
+    let set = ferry::control::agent::registration::derive(&svc).expect("usable");
+    assert_eq!(
+        set.upstreams[0].bind,
+        ferry::config::BindAddr::Unix(ferry::config::UnixBind {
+            path: path.into(),
+            mode: Some(0o600)
+        })
+    );
+    assert_eq!(set.expose.len(), 1);
+    assert_eq!(set.expose[0].path, "/health");
+}

@@ -113,14 +113,6 @@ fn strict_json(line: &str) -> Value {
 // ---------------------------------------------------------------------------
 // Helpers.
 
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("http client")
-}
-
 /// `GET http://<admin><path>`: status code and body.
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
     let url = format!("http://{admin}{path}");
@@ -200,21 +192,14 @@ fn credentials(pki: &Pki, leaf: &Leaf, service: &str) -> Arc<Credentials> {
     Arc::new(Credentials::new(&bundle, service).expect("credentials"))
 }
 
-/// A new connection to `addr` gets nowhere: refused, or closed at once
-/// (within 2 s) without a reply.
-async fn refused(addr: SocketAddr, leaf: &Leaf) {
-    let Ok(tcp) = TcpStream::connect(addr).await else {
-        return;
-    };
-    let got = timeout(Duration::from_secs(2), async {
-        match raw_client(Some(leaf)).connect(any_name(), tcp).await {
-            Err(_) => Vec::new(),
-            Ok(mut t) => round_trip(&mut t, b"anyone?").await.unwrap_or_default(),
-        }
-    })
-    .await
-    .expect("a new connection during the drain is closed at once");
-    assert!(got.is_empty(), "no reply during the drain: {got:?}");
+/// A new mesh connection to `addr`, presenting `leaf`, gets nowhere:
+/// [`refused`] (at connect, in the handshake, or closed without a reply),
+/// and at once (within 2 s).
+async fn new_connection_refused(addr: SocketAddr, leaf: &Leaf) {
+    let r = timeout(Duration::from_secs(2), mesh_echo(addr, leaf))
+        .await
+        .expect("a new connection during the drain is closed at once");
+    assert!(refused(&r), "no reply during the drain: {r:?}");
 }
 
 /// The listener at `addr` closes soon: connects are refused within
@@ -256,25 +241,12 @@ async fn metrics_count_what_happened() {
     extra.extend_from_slice(&admin0);
     let server = Ferry::start(&api_args(&dir, &app_addr, &extra)).await;
     let (dead1, dead2) = (dead_addr().await, dead_addr().await);
-    let api_inst = format!("api={}", server.inbound());
-    let db_inst = format!("db={dead1},{dead2}");
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &api_inst,
-        "-upstream",
-        "db:127.0.0.1:0",
-        "-upstream-addr",
-        &db_inst,
-        "-certs",
-        &dir,
-        admin0[0],
-        admin0[1],
-    ])
-    .await;
+    let client = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[server.inbound()])
+        .upstream("db", &[dead1, dead2])
+        .extra(&admin0)
+        .start()
+        .await;
     let (s_admin, c_admin) = (server.running.admin.unwrap(), client.running.admin.unwrap());
 
     // Traffic: two echoes through the mesh, 1000 + 234 bytes.
@@ -579,7 +551,7 @@ async fn drain_lets_live_connections_finish() {
         timeout(STILL_PENDING, shut.as_mut()).await.is_err(),
         "shutdown waits for the live connection"
     );
-    refused(addr, &web).await;
+    new_connection_refused(addr, &web).await;
     echo_once(&mut live, b"during the drain").await;
     finish(&mut live).await;
     assert!(within("drain", shut).await, "clean drain");

@@ -30,7 +30,6 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-const MSG: &[u8] = b"ping through the mesh";
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// The start of a TLS ClientHello that stops short: the record header
@@ -42,29 +41,6 @@ const PARTIAL_CLIENT_HELLO: &[u8] = &[
     0x03, 0x03, // TLS 1.2 legacy version
     0x5a, 0x5a, 0x5a, 0x5a, // the first 4 of 32 random bytes
 ];
-
-/// Connects to `addr` as a mesh client presenting `leaf` (or no certificate)
-/// and tries one echo.
-async fn mesh_echo(addr: SocketAddr, leaf: Option<&Leaf>) -> io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let mut tls = raw_client(leaf).connect(any_name(), tcp).await?;
-    round_trip(&mut tls, MSG).await
-}
-
-/// Connects to a plain listener (an upstream of ferry) and tries one echo.
-async fn plain_echo(addr: SocketAddr) -> io::Result<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).await?;
-    round_trip(&mut s, MSG).await
-}
-
-/// True if an echo attempt was refused: the connection failed or closed with
-/// nothing echoed, rather than answering or being left hanging.
-fn refused(r: &io::Result<Vec<u8>>) -> bool {
-    match r {
-        Ok(got) => got.is_empty(),
-        Err(e) => e.kind() != io::ErrorKind::TimedOut,
-    }
-}
 
 /// A Consul-shaped leaf spec for `uri`, valid for an hour from a minute ago.
 fn spec(uri: String) -> LeafSpec {
@@ -110,18 +86,7 @@ impl Inbound {
         let app = EchoServer::start().await;
         let dir = pki.dir_arg();
         let app_addr = app.addr_arg();
-        let mut args = vec![
-            "-service",
-            "api",
-            "-listen",
-            "127.0.0.1:0",
-            "-service-addr",
-            &app_addr,
-            "-certs",
-            &dir,
-        ];
-        args.extend_from_slice(extra);
-        let ferry = Ferry::start(&args).await;
+        let ferry = Ferry::start(&api_args(&dir, &app_addr, extra)).await;
         Inbound {
             pki,
             app,
@@ -458,24 +423,11 @@ impl Outbound {
     async fn start(pki: &Pki, api: &[SocketAddr]) -> Outbound {
         let db = TlsEchoServer::start(pki, &pki.leaf("db")).await;
         let dir = pki.dir_arg();
-        let api_addrs: Vec<String> = api.iter().map(|a| a.to_string()).collect();
-        let api_inst = format!("api={}", api_addrs.join(","));
-        let db_inst = format!("db={}", db.addr);
-        let ferry = Ferry::start(&[
-            "-service",
-            "web",
-            "-upstream",
-            "api:127.0.0.1:0",
-            "-upstream",
-            "db:127.0.0.1:0",
-            "-upstream-addr",
-            &api_inst,
-            "-upstream-addr",
-            &db_inst,
-            "-certs",
-            &dir,
-        ])
-        .await;
+        let ferry = StandaloneArgs::new("web", &dir)
+            .upstream("api", api)
+            .upstream("db", &[db.addr])
+            .start()
+            .await;
         Outbound { db, ferry }
     }
 

@@ -24,14 +24,10 @@ use tokio::time::Instant;
 use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance};
 use crate::support::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// `N` distinct ports where nothing listens now: all bound at once on
 /// 127.0.0.1:0 (so they differ), then released. See the module comment for
 /// the race.
-async fn free_ports<const N: usize>() -> [u16; N] {
+pub(crate) async fn free_ports<const N: usize>() -> [u16; N] {
     let mut held = Vec::new();
     for _ in 0..N {
         held.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
@@ -45,7 +41,7 @@ async fn free_ports<const N: usize>() -> [u16; N] {
 
 /// A `connect-proxy` registration for `service`'s sidecar `id`, public
 /// listener on `port`, local app on 127.0.0.1:`app_port`, no upstreams.
-fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
+pub(crate) fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
     json!({
         "Kind": "connect-proxy",
         "ID": id,
@@ -62,39 +58,30 @@ fn sidecar(id: &str, service: &str, port: u16, app_port: u16) -> Value {
 }
 
 /// One `Proxy.Upstreams[]` entry.
-fn upstream(name: &str, port: u16) -> Value {
+pub(crate) fn upstream(name: &str, port: u16) -> Value {
     json!({ "DestinationType": "service", "DestinationName": name, "LocalBindPort": port })
 }
 
 /// `registration` with `Proxy.Upstreams` set to `upstreams`.
-fn with_upstreams(mut registration: Value, upstreams: &[Value]) -> Value {
+pub(crate) fn with_upstreams(mut registration: Value, upstreams: &[Value]) -> Value {
     registration["Proxy"]["Upstreams"] = Value::Array(upstreams.to_vec());
     registration
 }
 
 /// ferry in registration mode, everything from the agent.
-async fn registration_mode(agent: &FakeAgent, flag: &str, id: &str) -> Ferry {
+pub(crate) async fn registration_mode(agent: &FakeAgent, flag: &str, id: &str) -> Ferry {
     Ferry::start(&[flag, id, "-http-addr", &agent.url()]).await
 }
 
 /// A standalone ferry for `web` with one upstream to `target` at `instance`:
 /// a mesh peer that checks the server presents `target`'s identity.
-async fn mesh_client(pki: &Pki, target: &str, instance: SocketAddr) -> Ferry {
+pub(crate) async fn mesh_client(pki: &Pki, target: &str, instance: SocketAddr) -> Ferry {
     pki.leaf("web");
-    let up = format!("{target}:127.0.0.1:0");
-    let inst = format!("{target}={instance}");
     let dir = pki.dir_arg();
-    Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        &up,
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("web", &dir)
+        .upstream(target, &[instance])
+        .start()
+        .await
 }
 
 /// Parses `args` like the binary (empty environment) and returns the
@@ -153,7 +140,7 @@ async fn echo_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
 /// Waits until ferry's upstream `name` knows `addr` as an instance: ferry
 /// binds upstream listeners before discovery has answered (see
 /// `early_upstream_connection_waits_for_the_first_discovery_answer`).
-async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr) {
+pub(crate) async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr) {
     eventually(&format!("{name} instances discovered"), || {
         ferry
             .running
@@ -166,7 +153,12 @@ async fn until_discovered(ferry: &Ferry, name: &str, addr: SocketAddr) {
 /// Waits until the agent has received `n` GETs of the registration after
 /// `since` (taken after the change, so each of them saw it). ferry's reads
 /// are sequential, so with `n` = 2 it has handled the answer to the first.
-async fn registration_reads_after(agent: &FakeAgent, id: &str, since: Instant, n: usize) {
+pub(crate) async fn registration_reads_after(
+    agent: &FakeAgent,
+    id: &str,
+    since: Instant,
+    n: usize,
+) {
     let path = format!("/v1/agent/service/{id}");
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -216,16 +208,16 @@ async fn proxy_id_serves_inbound_on_bind_port_and_the_registered_upstream() {
 
     assert_eq!(
         ferry.inbound(),
-        addr(bind_port),
+        loopback(bind_port),
         "Proxy.Config.bind_address/bind_port override Address/Port"
     );
-    let on_port = TcpStream::connect(addr(port)).await;
+    let on_port = TcpStream::connect(loopback(port)).await;
     assert!(
         on_port.is_err(),
         "nothing may listen on the registered Port {port}: {on_port:?}"
     );
     assert_eq!(ferry.running.upstream_names(), ["db"]);
-    assert_eq!(ferry.upstream("db"), addr(db_port));
+    assert_eq!(ferry.upstream("db"), loopback(db_port));
     assert!(agent.count("GET", "/v1/agent/connect/ca/leaf/api") >= 1);
     assert_eq!(
         agent.count("GET", "/v1/agent/connect/ca/leaf/"),
@@ -235,7 +227,7 @@ async fn proxy_id_serves_inbound_on_bind_port_and_the_registered_upstream() {
     );
 
     // Inbound: mTLS from web, identity api checked by the client.
-    let web = mesh_client(&pki, "api", addr(bind_port)).await;
+    let web = mesh_client(&pki, "api", loopback(bind_port)).await;
     assert_echo(web.upstream("api"), b"web to api through bind_port").await;
     assert_eq!(app.counts.accepted(), 1, "the registered local app");
     let authz = agent
@@ -247,7 +239,7 @@ async fn proxy_id_serves_inbound_on_bind_port_and_the_registered_upstream() {
 
     // Upstream: the registered LocalBindPort reaches db over mTLS.
     until_discovered(&ferry, "db", db.addr).await;
-    assert_echo(addr(db_port), b"api to db").await;
+    assert_echo(loopback(db_port), b"api to db").await;
     assert_eq!(db.counts.accepted(), 1, "the instance the agent lists");
     assert!(agent.count("GET", "/v1/health/connect/db") >= 1);
 }
@@ -271,7 +263,7 @@ async fn sidecar_for_finds_the_one_proxy_of_the_service_ignoring_case() {
 
     let ferry = registration_mode(&agent, "-sidecar-for", "api-1").await;
 
-    assert_eq!(ferry.inbound(), addr(api_port), "api's sidecar's Port");
+    assert_eq!(ferry.inbound(), loopback(api_port), "api's sidecar's Port");
     assert_eq!(agent.count("GET", "/v1/agent/services"), 1);
     assert!(agent.count("GET", "/v1/agent/service/api-1-sidecar-proxy") >= 1);
     assert_eq!(
@@ -355,7 +347,9 @@ async fn upstream_changes_in_the_registration_apply_live() {
     until_discovered(&ferry, "db", db.addr).await;
 
     // A connection through db, open across the changes below.
-    let mut open = TcpStream::connect(addr(db_port)).await.expect("connect db");
+    let mut open = TcpStream::connect(loopback(db_port))
+        .await
+        .expect("connect db");
     echo_on(&mut open, b"before").await;
 
     // Added.
@@ -364,11 +358,11 @@ async fn upstream_changes_in_the_registration_apply_live() {
         &[upstream("db", db_port), upstream("cache", cache_port)],
     ));
     eventually("cache upstream added", || {
-        ferry.running.upstream("cache") == Some(addr(cache_port))
+        ferry.running.upstream("cache") == Some(loopback(cache_port))
     })
     .await;
     until_discovered(&ferry, "cache", cache.addr).await;
-    assert_echo(addr(cache_port), b"to the new upstream").await;
+    assert_echo(loopback(cache_port), b"to the new upstream").await;
     assert_eq!(cache.counts.accepted(), 1);
 
     // Removed: the port stops accepting; the open connection carries on.
@@ -380,7 +374,7 @@ async fn upstream_changes_in_the_registration_apply_live() {
         ferry.running.upstream_names() == ["cache"]
     })
     .await;
-    until_refused(addr(db_port), "removed upstream db").await;
+    until_refused(loopback(db_port), "removed upstream db").await;
     echo_on(&mut open, b"after removal").await;
     open.shutdown().await.expect("shutdown");
     let mut rest = Vec::new();
@@ -393,13 +387,13 @@ async fn upstream_changes_in_the_registration_apply_live() {
     // Moved: the new port is in the map only after the old one has closed.
     agent.register(with_upstreams(base, &[upstream("cache", cache_port2)]));
     eventually("cache moved to its new port", || {
-        ferry.running.upstream("cache") == Some(addr(cache_port2))
+        ferry.running.upstream("cache") == Some(loopback(cache_port2))
     })
     .await;
     until_discovered(&ferry, "cache", cache.addr).await;
-    let old = TcpStream::connect(addr(cache_port)).await;
+    let old = TcpStream::connect(loopback(cache_port)).await;
     assert!(old.is_err(), "old cache port still accepts: {old:?}");
-    assert_echo(addr(cache_port2), b"on the new port").await;
+    assert_echo(loopback(cache_port2), b"on the new port").await;
     assert_eq!(ferry.running.upstream_names(), ["cache"]);
 }
 
@@ -432,7 +426,9 @@ async fn early_upstream_connection_waits_for_the_first_discovery_answer() {
         "discovery is held: no instance known yet"
     );
 
-    let mut early = TcpStream::connect(addr(db_port)).await.expect("connect");
+    let mut early = TcpStream::connect(loopback(db_port))
+        .await
+        .expect("connect");
     early.write_all(b"early").await.expect("write");
     eventually("ferry accepted the early connection", || {
         ferry.metrics().upstream_accepted.get() == 1
@@ -461,7 +457,7 @@ async fn early_upstream_connection_waits_for_the_first_discovery_answer() {
 /// The probe shows a connect really hangs here.
 async fn black_hole() -> (TcpListener, TcpStream, SocketAddr) {
     let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind(addr(0)).expect("bind");
+    socket.bind(loopback(0)).expect("bind");
     let listener = socket.listen(0).expect("listen");
     let at = listener.local_addr().expect("addr");
     let filler = TcpStream::connect(at).await.expect("fill the queue");
@@ -563,7 +559,7 @@ async fn unusable_registration_keeps_the_last_good_config() {
     until_discovered(&ferry, "db", db.addr).await;
     let web = mesh_client(&pki, "api", ferry.inbound()).await;
     assert_echo(web.upstream("api"), b"first").await;
-    assert_echo(addr(db_port), b"first").await;
+    assert_echo(loopback(db_port), b"first").await;
 
     // Deregistered: the agent answers 404.
     assert!(agent.deregister(id));
@@ -571,7 +567,7 @@ async fn unusable_registration_keeps_the_last_good_config() {
     registration_reads_after(&agent, id, gone, 2).await;
     assert_eq!(ferry.running.upstream_names(), ["db"]);
     assert_echo(web.upstream("api"), b"after the 404").await;
-    assert_echo(addr(db_port), b"after the 404").await;
+    assert_echo(loopback(db_port), b"after the 404").await;
 
     // Registered again, but as a typical service.
     agent.register(json!({ "ID": id, "Name": "api", "Port": port }));
@@ -584,18 +580,18 @@ async fn unusable_registration_keeps_the_last_good_config() {
     );
     assert_eq!(ferry.running.upstream_names(), ["db"]);
     assert_echo(web.upstream("api"), b"after the kind change").await;
-    assert_echo(addr(db_port), b"after the kind change").await;
+    assert_echo(loopback(db_port), b"after the kind change").await;
     assert_eq!(app.counts.accepted(), 3);
     assert_eq!(db.counts.accepted(), 3);
 
     // A usable registration again: its upstream change applies.
     agent.register(with_upstreams(base, &[upstream("db", db_port2)]));
     eventually("db moved once the registration is usable", || {
-        ferry.running.upstream("db") == Some(addr(db_port2))
+        ferry.running.upstream("db") == Some(loopback(db_port2))
     })
     .await;
     until_discovered(&ferry, "db", db.addr).await;
-    assert_echo(addr(db_port2), b"usable again").await;
+    assert_echo(loopback(db_port2), b"usable again").await;
 }
 
 /// `-register` registers `<service>-proxy-<register-id>` as Consul's proxy
@@ -697,17 +693,12 @@ async fn register_needs_an_agent_and_a_listener() {
     let pki = Pki::new();
     pki.leaf("web");
     let dir = pki.dir_arg();
-    let with_certs = config_error(&[
-        "-service",
-        "web",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        "127.0.0.1:9",
-        "-certs",
-        &dir,
-        "-register",
-    ]);
+    let with_certs = config_error(
+        &StandaloneArgs::new("web", &dir)
+            .listen("127.0.0.1:9")
+            .extra(&["-register"])
+            .args(),
+    );
     assert_eq!(
         with_certs,
         "-register needs a Consul agent; it cannot be used with -certs"

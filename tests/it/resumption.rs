@@ -16,20 +16,11 @@ async fn api_instance(pki: &Pki, app: &EchoServer) -> Ferry {
 
 /// A `web` ferry whose `api` upstream is `instances`.
 async fn web_ferry(pki: &Pki, instances: &[SocketAddr]) -> Ferry {
-    let list: Vec<String> = instances.iter().map(|a| a.to_string()).collect();
-    let inst = format!("api={}", list.join(","));
     let dir = pki.dir_arg();
-    Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:127.0.0.1:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await
+    StandaloneArgs::new("web", &dir)
+        .upstream("api", instances)
+        .start()
+        .await
 }
 
 fn kinds(f: &Ferry, side: &'static str) -> (u64, u64) {

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 
 use ferry::identity::tls::{Credentials, PemBundle};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,16 +19,12 @@ fn bundle(roots: &str, leaf: &ferry::identity::dev_ca::Leaf) -> PemBundle {
     }
 }
 
-fn first_cert(pem: &str) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).expect("cert")
-}
-
 /// A CA rotation as Consul does it: both sides first trust old and new
 /// roots, then the server's leaf is re-issued by the new CA. A connection
 /// opened before keeps echoing; the next one sees the new leaf.
 #[tokio::test]
 async fn rotating_roots_and_leaf_keeps_live_connections() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     let td = mesh.pki.trust_domain().to_string();
 
     let mut live = TcpStream::connect(mesh.entry("api")).await.unwrap();

@@ -10,7 +10,7 @@ use crate::support::*;
 
 #[tokio::test]
 async fn small_message_round_trips() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     assert_echo(mesh.entry("api"), b"hello through the mesh").await;
     assert_eq!(mesh.app.counts.accepted(), 1, "the app saw one connection");
     assert_eq!(mesh.server.metrics().authz_allowed.get(), 1);
@@ -18,7 +18,7 @@ async fn small_message_round_trips() {
 
 #[tokio::test]
 async fn multi_megabyte_round_trips_intact() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     // 8 MiB of a pattern that would show any reordering or loss.
     let msg: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let mut s = TcpStream::connect(mesh.entry("api")).await.unwrap();
@@ -54,12 +54,9 @@ async fn multi_megabyte_round_trips_intact() {
 async fn server_speaks_first_and_closes_first() {
     // The other direction: the remote app writes a large answer and closes
     // without the client sending anything, then the client closes.
-    let pki = Pki::new();
-    pki.leaf("web");
-    pki.leaf("api");
     let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = listener.local_addr().unwrap().to_string();
+    let app_addr = listener.local_addr().unwrap();
     let payload = big.clone();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
@@ -70,32 +67,9 @@ async fn server_speaks_first_and_closes_first() {
         s.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"thanks");
     });
-    let dir = pki.dir_arg();
-    let server = Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ])
-    .await;
-    let inst = format!("api={}", server.inbound());
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let mesh = Mesh::start("web", "api", app_addr, &[]).await;
 
-    let mut s = TcpStream::connect(client.upstream("api")).await.unwrap();
+    let mut s = TcpStream::connect(mesh.entry("api")).await.unwrap();
     let mut got = Vec::new();
     within("server-first download", s.read_to_end(&mut got))
         .await
@@ -110,16 +84,19 @@ async fn server_speaks_first_and_closes_first() {
     s.write_all(b"thanks").await.unwrap();
     s.shutdown().await.unwrap();
     eventually("server ferry to log the connection closed", || {
-        server.metrics().inbound_active.get() == 0
+        mesh.server.metrics().inbound_active.get() == 0
     })
     .await;
-    assert_eq!(server.metrics().inbound_bytes_in.get(), 6);
-    assert_eq!(server.metrics().inbound_bytes_out.get(), big.len() as u64);
+    assert_eq!(mesh.server.metrics().inbound_bytes_in.get(), 6);
+    assert_eq!(
+        mesh.server.metrics().inbound_bytes_out.get(),
+        big.len() as u64
+    );
 }
 
 #[tokio::test]
 async fn many_concurrent_connections_each_round_trip() {
-    let mesh = Mesh::start("web", "api", &[]).await;
+    let mesh = Mesh::echo("web", "api", &[]).await;
     let entry = mesh.entry("api");
     let tasks: Vec<_> = (0..50)
         .map(|i| {
@@ -156,29 +133,11 @@ async fn chains_through_an_intermediate_are_accepted_both_ways() {
     let app = EchoServer::start().await;
     let dir = pki.dir_arg();
     let app_addr = app.addr_arg();
-    let server = Ferry::start(&[
-        "-service",
-        "api",
-        "-listen",
-        "127.0.0.1:0",
-        "-service-addr",
-        &app_addr,
-        "-certs",
-        &dir,
-    ])
-    .await;
-    let inst = format!("api={}", server.inbound());
-    let client = Ferry::start(&[
-        "-service",
-        "web",
-        "-upstream",
-        "api:0",
-        "-upstream-addr",
-        &inst,
-        "-certs",
-        &dir,
-    ])
-    .await;
+    let server = Ferry::start(&api_args(&dir, &app_addr, &[])).await;
+    let client = StandaloneArgs::new("web", &dir)
+        .upstream("api", &[server.inbound()])
+        .start()
+        .await;
     assert_echo(client.upstream("api"), b"through an intermediate").await;
 
     // Without the intermediate, a client's leaf does not chain to the root.

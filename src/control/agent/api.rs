@@ -204,6 +204,29 @@ pub struct AgentProxy {
     pub config: HashMap<String, Value>,
     #[serde(deserialize_with = "null_as_default")]
     pub upstreams: Vec<AgentUpstream>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub expose: AgentExpose,
+}
+
+/// `Proxy.Expose`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentExpose {
+    /// Expose every HTTP check of the destination service.
+    pub checks: bool,
+    #[serde(deserialize_with = "null_as_default")]
+    pub paths: Vec<AgentExposePath>,
+}
+
+/// One `Proxy.Expose.Paths[]` entry.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentExposePath {
+    pub listener_port: u16,
+    pub path: String,
+    pub local_path_port: u16,
+    pub protocol: String,
+    pub parsed_from_check: bool,
 }
 
 /// One entry of `Proxy.Upstreams`.
@@ -216,6 +239,8 @@ pub struct AgentUpstream {
     pub local_bind_address: String,
     pub local_bind_port: u16,
     pub local_bind_socket_path: String,
+    /// Octal file mode for the socket, e.g. `"0700"`.
+    pub local_bind_socket_mode: String,
     #[serde(deserialize_with = "null_as_default")]
     pub config: HashMap<String, Value>,
 }

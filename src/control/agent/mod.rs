@@ -23,6 +23,7 @@ pub mod instances;
 pub mod register;
 pub mod registration;
 pub mod revoke;
+pub mod tuning;
 pub mod watch;
 
 pub use api::{Blocking, Reply};

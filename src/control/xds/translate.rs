@@ -34,7 +34,7 @@ use prost::Message;
 use rustls::pki_types::ServerName;
 
 use crate::authz::rbac::{NameMatch, Policy, Principal, Rbac, RbacAction, RbacChain};
-use crate::config::{Discovery, UpstreamConfig};
+use crate::config::{BindAddr, Discovery, UpstreamConfig};
 use crate::control::ListenerSet;
 use crate::proxy::balancer::EjectionPolicy;
 
@@ -682,6 +682,7 @@ impl Held {
         let mut listen = None;
         let mut service_addr = String::new();
         let mut local_connect_timeout = None;
+        let mut max_inbound_conns = None;
         let mut pem = None;
         let mut rbac = RbacChain::default();
         let mut upstreams = Vec::new();
@@ -712,6 +713,9 @@ impl Held {
                     listen = Some(*addr);
                     service_addr = app.clone();
                     local_connect_timeout = c.connect_timeout;
+                    // Consul's `max_inbound_connections`: the local app
+                    // cluster's circuit breaker.
+                    max_inbound_conns = c.max_conns;
                     rbac = r.clone();
                 }
                 ListenerSpec::Upstream { id, bind, cluster } => {
@@ -776,7 +780,7 @@ impl Held {
                     expected.insert(id.clone(), sans);
                     upstreams.push(UpstreamConfig {
                         name: id.clone(),
-                        bind: *bind,
+                        bind: BindAddr::Tcp(*bind),
                         discovery: Discovery::ControlPlane,
                         deadline: c.connect_timeout,
                         max_conns: c.max_conns,
@@ -797,7 +801,15 @@ impl Held {
                     service_addr,
                     local_connect_timeout,
                     handshake_timeout: None,
+                    max_inbound_conns,
                     upstreams,
+                    // Exposed paths are HTTP listeners Consul sends as
+                    // http_connection_manager, which ferry refuses (L4 only).
+                    expose: Vec::new(),
+                    // The bootstrap's Prometheus listener is served by
+                    // `app::xds`; there is no stats listener over xDS.
+                    metrics_bind: None,
+                    stats_bind: None,
                 },
                 pem,
                 rbac: rbac_text,

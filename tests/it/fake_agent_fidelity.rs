@@ -1,8 +1,8 @@
-//! The fake Consul agent behaves like Consul (so failures elsewhere are
-//! ferry's): shapes, status codes and error texts from spec §1, blocking
-//! queries, intentions, ACLs, and the fault knobs other tests rely on.
+//! The fake Consul agent (`support::fake_agent`) behaves like Consul (so
+//! failures elsewhere are ferry's): shapes, status codes and error texts
+//! from spec §1, blocking queries, intentions, ACLs, and the fault knobs
+//! other tests rely on.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::{Client, RequestBuilder};
@@ -12,17 +12,10 @@ use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
 
 use crate::support::fake_agent::{sha1, AgentOpts, FakeAgent, Health, Instance, Intention};
-use crate::support::{within, Pki, DEADLINE};
+use crate::support::{http, is_colon_hex, loopback, within, Pki, DEADLINE};
 
 /// Long enough that a query which should block visibly has not returned.
 const STILL_BLOCKED: Duration = Duration::from_millis(200);
-
-fn http() -> Client {
-    // reqwest is built without a bundled rustls provider; plain http still
-    // builds a TLS config, so give it one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Client::builder().build().expect("http client")
-}
 
 /// What came back, with the headers Consul clients read.
 #[derive(Debug)]
@@ -99,24 +92,10 @@ async fn assert_blocked(call: &mut tokio::task::JoinHandle<Answer>, what: &str) 
     );
 }
 
-fn is_colon_hex(s: &str, bytes: Option<usize>) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    let hex = |p: &&str| {
-        p.len() == 2
-            && p.chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    };
-    parts.iter().all(hex) && bytes.is_none_or(|n| parts.len() == n)
-}
-
 fn keys(v: &Value) -> Vec<String> {
     let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
     k.sort();
     k
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 #[tokio::test]
@@ -163,7 +142,7 @@ async fn roots_answer_at_once_block_until_rotation_and_time_out_unchanged() {
     let fingerprint: Vec<String> = sha1(&der).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(root["ID"], fingerprint.join(":"));
     assert!(
-        is_colon_hex(root["SigningKeyID"].as_str().unwrap(), None),
+        is_colon_hex(root["SigningKeyID"].as_str().unwrap()),
         "{root}"
     );
     assert_eq!(root["Active"], true);
@@ -295,7 +274,7 @@ async fn leaf_is_the_one_set_blocks_until_replaced_and_is_issued_on_demand() {
     assert_eq!(body["Service"], "web");
     assert_eq!(body["ServiceURI"], pki.uri("web"));
     assert!(
-        is_colon_hex(body["SerialNumber"].as_str().unwrap(), None),
+        is_colon_hex(body["SerialNumber"].as_str().unwrap()),
         "{body}"
     );
     assert_eq!(body["ModifyIndex"].as_u64(), Some(first.index()));
@@ -337,10 +316,10 @@ async fn health_passing_filters_unhealthy_instances_and_dc_selects() {
     agent.set_instances(
         "db",
         vec![
-            Instance::sidecar(addr(21001)),
-            Instance::sidecar(addr(21002)).with_health(Health::Critical),
-            Instance::native(addr(21003)).with_health(Health::Warning),
-            Instance::sidecar(addr(21004)).in_dc("dc2"),
+            Instance::sidecar(loopback(21001)),
+            Instance::sidecar(loopback(21002)).with_health(Health::Critical),
+            Instance::native(loopback(21003)).with_health(Health::Warning),
+            Instance::sidecar(loopback(21004)).in_dc("dc2"),
         ],
     );
     let ports = |a: &Answer| -> Vec<u64> {
@@ -406,7 +385,10 @@ async fn health_passing_filters_unhealthy_instances_and_dc_selects() {
         &format!("/v1/health/connect/db?passing&index={index}&wait=10s"),
     );
     assert_blocked(&mut blocked, "health query at the current index").await;
-    agent.set_instances("db", vec![Instance::sidecar(addr(21005)).address_on_node()]);
+    agent.set_instances(
+        "db",
+        vec![Instance::sidecar(loopback(21005)).address_on_node()],
+    );
     let changed = within("blocked health query", &mut blocked).await.unwrap();
     assert!(changed.index() > index);
     assert_eq!(ports(&changed), [21005]);
@@ -424,9 +406,9 @@ async fn prepared_query_returns_mesh_endpoints_with_connect_true() {
     agent.set_instances(
         "db",
         vec![
-            Instance::sidecar(addr(21001)),
-            Instance::native(addr(21002)),
-            Instance::sidecar(addr(21003)).with_health(Health::Critical),
+            Instance::sidecar(loopback(21001)),
+            Instance::native(loopback(21002)),
+            Instance::sidecar(loopback(21003)).with_health(Health::Critical),
         ],
     );
     agent.set_query("db-query", "db");
