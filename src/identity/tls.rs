@@ -291,7 +291,7 @@ impl Credentials {
     }
 }
 
-fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(super) fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
@@ -310,7 +310,7 @@ fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, Tl
 static VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
+pub(super) fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
     VERSIONS
 }
 
@@ -403,7 +403,9 @@ pub const MAX_INTERMEDIATES: usize = 4;
 #[error("certificate chain has {0} intermediates; at most {MAX_INTERMEDIATES} are accepted")]
 pub struct ChainTooLong(usize);
 
-fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+pub(super) fn check_chain_length(
+    intermediates: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
     if intermediates.len() > MAX_INTERMEDIATES {
         return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             OtherError(Arc::new(ChainTooLong(intermediates.len()))),
@@ -547,87 +549,6 @@ impl ServerCertVerifier for MeshServerVerifier {
                 })),
             )));
         }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// A client config that verifies the server's chain against `roots_pem`
-/// and nothing else (no name, no identity), offering ALPN `h2`: how Envoy
-/// checks the agent's gRPC port with the CA Consul puts in the bootstrap.
-pub fn chain_only_client_config(
-    roots_pem: &str,
-    what: &str,
-) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for (index, der) in parse_certs(roots_pem, what)?.into_iter().enumerate() {
-        roots.add(der).map_err(|e| TlsError::BadRoot {
-            what: what.to_string(),
-            index,
-            why: e.to_string(),
-        })?;
-    }
-    let verifier = Arc::new(ChainOnlyVerifier {
-        roots: Arc::new(roots),
-        algs: provider.signature_verification_algorithms,
-    });
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions())
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Chain to the roots with the serverAuth EKU; no hostname check.
-#[derive(Debug)]
-struct ChainOnlyVerifier {
-    roots: Arc<RootCertStore>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        check_chain_length(intermediates)?;
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
         Ok(ServerCertVerified::assertion())
     }
 

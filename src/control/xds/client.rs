@@ -52,8 +52,11 @@ pub async fn channel(
 ) -> Result<Channel, StreamError> {
     let tls = match ca {
         Some(pem) => Some(tokio_rustls::TlsConnector::from(
-            crate::identity::tls::chain_only_client_config(pem, "the agent's CA (bootstrap)")
-                .map_err(|e| StreamError::Connect(e.to_string()))?,
+            crate::identity::chain_only::chain_only_client_config(
+                pem,
+                "the agent's CA (bootstrap)",
+            )
+            .map_err(|e| StreamError::Connect(e.to_string()))?,
         )),
         None => None,
     };
