@@ -9,7 +9,7 @@
 //! [`Assembly::Warming`] (keep serving the last complete view), never half
 //! a view.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,24 +19,25 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
-use envoy_types::pb::envoy::config::rbac::v3::{
-    permission, principal, rbac, Principal as EnvoyPrincipal,
-};
 use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
-use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use rustls::pki_types::ServerName;
 
-use crate::authz::rbac::{NameMatch, Policy, Principal, Rbac, RbacAction, RbacChain};
-use crate::config::{BindAddr, Discovery, UpstreamConfig};
-use crate::control::ListenerSet;
+use super::{CDS, EDS, LDS, SDS};
+use crate::authz::rbac::RbacChain;
 use crate::proxy::balancer::EjectionPolicy;
+
+mod assemble;
+mod rbac;
+
+pub use assemble::{Assembled, Assembly, Held, Instances};
+use rbac::rbac_filter;
 
 const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -167,7 +168,7 @@ fn socket_addr(a: &Option<Address>, what: &str) -> Result<SocketAddr, Refused> {
 
 /// Decodes and checks one listener.
 pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
-    let l: Listener = decode(any, super::LDS, "listener")?;
+    let l: Listener = decode(any, LDS, "listener")?;
     let what = format!("listener {}", l.name);
     if l.name.starts_with("outbound_listener:") || l.use_original_dst.is_some_and(|b| b.value) {
         return refuse(&what, "transparent proxy is not supported");
@@ -337,93 +338,9 @@ fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
     }
 }
 
-fn string_match(m: &Option<StringMatcher>, what: &str) -> Result<NameMatch, Refused> {
-    let Some(m) = m else {
-        return refuse(what, "principal_name missing");
-    };
-    if m.ignore_case {
-        return refuse(what, "ignore_case is not supported");
-    }
-    Ok(match &m.match_pattern {
-        Some(string_matcher::MatchPattern::Exact(s)) => NameMatch::Exact(s.clone()),
-        Some(string_matcher::MatchPattern::Prefix(s)) => NameMatch::Prefix(s.clone()),
-        Some(string_matcher::MatchPattern::Suffix(s)) => NameMatch::Suffix(s.clone()),
-        Some(string_matcher::MatchPattern::Contains(s)) => NameMatch::Contains(s.clone()),
-        Some(string_matcher::MatchPattern::SafeRegex(r)) => {
-            NameMatch::regex(&r.regex).or_else(|e| refuse(what, e))?
-        }
-        _ => return refuse(what, "unsupported string matcher"),
-    })
-}
-
-fn principal(p: &EnvoyPrincipal, what: &str, depth: usize) -> Result<Principal, Refused> {
-    if depth > 16 {
-        return refuse(what, "principals nested too deeply");
-    }
-    Ok(match &p.identifier {
-        Some(principal::Identifier::Any(true)) => Principal::Any,
-        Some(principal::Identifier::Authenticated(a)) => {
-            Principal::Authenticated(string_match(&a.principal_name, what)?)
-        }
-        Some(principal::Identifier::AndIds(s)) => Principal::And(
-            s.ids.iter().map(|p| principal(p, what, depth + 1)).collect::<Result<_, _>>()?,
-        ),
-        Some(principal::Identifier::OrIds(s)) => Principal::Or(
-            s.ids.iter().map(|p| principal(p, what, depth + 1)).collect::<Result<_, _>>()?,
-        ),
-        Some(principal::Identifier::NotId(p)) => Principal::Not(Box::new(principal(p, what, depth + 1)?)),
-        _ => return refuse(what, "only authenticated, any, and/or/not principals are supported (no IP or header principals)"),
-    })
-}
-
-fn rbac_filter(f: &RbacFilter, what: &str) -> Result<Rbac, Refused> {
-    if f.matcher.is_some() || f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
-        return refuse(what, "RBAC matcher and shadow rules are not supported");
-    }
-    let Some(rules) = &f.rules else {
-        return Ok(Rbac { rules: None });
-    };
-    let action = match rbac::Action::try_from(rules.action) {
-        Ok(rbac::Action::Allow) => RbacAction::Allow,
-        Ok(rbac::Action::Deny) => RbacAction::Deny,
-        _ => return refuse(what, "only ALLOW and DENY actions are supported"),
-    };
-    let mut policies = Vec::new();
-    // A map on the wire; sorted by name for a stable first match.
-    let names: BTreeSet<&String> = rules.policies.keys().collect();
-    for name in names {
-        let p = &rules.policies[name];
-        let pwhat = format!("{what} policy {name}");
-        if p.condition.is_some() || p.checked_condition.is_some() {
-            return refuse(&pwhat, "conditions are not supported");
-        }
-        let any = p
-            .permissions
-            .iter()
-            .all(|perm| matches!(perm.rule, Some(permission::Rule::Any(true))));
-        if !any || p.permissions.is_empty() {
-            return refuse(
-                &pwhat,
-                "only `any` permissions are supported (L7 permissions are not)",
-            );
-        }
-        policies.push(Policy {
-            name: name.clone(),
-            principals: p
-                .principals
-                .iter()
-                .map(|pr| principal(pr, &pwhat, 0))
-                .collect::<Result<_, _>>()?,
-        });
-    }
-    Ok(Rbac {
-        rules: Some((action, policies)),
-    })
-}
-
 /// Decodes and checks one cluster.
 pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
-    let c: Cluster = decode(any, super::CDS, "cluster")?;
+    let c: Cluster = decode(any, CDS, "cluster")?;
     let what = format!("cluster {}", c.name);
     let kind = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::ClusterType(t)) => match &t.typed_config {
@@ -551,7 +468,7 @@ pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
 /// Decodes and checks one load assignment.
 pub fn endpoints(any: &Any) -> Result<(String, EndpointsSpec), Refused> {
     use envoy_types::pb::envoy::config::core::v3::HealthStatus;
-    let cla: ClusterLoadAssignment = decode(any, super::EDS, "endpoints")?;
+    let cla: ClusterLoadAssignment = decode(any, EDS, "endpoints")?;
     let what = format!("endpoints {}", cla.cluster_name);
     let mut by_priority: BTreeMap<u32, Vec<SocketAddr>> = BTreeMap::new();
     for group in &cla.endpoints {
@@ -575,7 +492,7 @@ pub fn endpoints(any: &Any) -> Result<(String, EndpointsSpec), Refused> {
 
 /// Decodes and checks one secret.
 pub fn secret(any: &Any) -> Result<(String, SecretSpec), Refused> {
-    let s: Secret = decode(any, super::SDS, "secret")?;
+    let s: Secret = decode(any, SDS, "secret")?;
     let what = format!("secret {}", s.name);
     let spec = match &s.r#type {
         Some(secret::Type::TlsCertificate(c)) => SecretSpec::Leaf {
@@ -593,232 +510,6 @@ pub fn secret(any: &Any) -> Result<(String, SecretSpec), Refused> {
         }
     };
     Ok((s.name, spec))
-}
-
-/// Every resource held, checked, by name.
-#[derive(Debug, Clone, Default)]
-pub struct Held {
-    pub listeners: BTreeMap<String, ListenerSpec>,
-    pub clusters: BTreeMap<String, ClusterSpec>,
-    pub endpoints: BTreeMap<String, EndpointsSpec>,
-    pub secrets: BTreeMap<String, SecretSpec>,
-}
-
-pub use crate::control::Instances;
-
-/// One complete view of what to serve.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Assembled {
-    pub listeners: ListenerSet,
-    /// Leaf chain, key, roots.
-    pub pem: (String, String, String),
-    pub rbac: Vec<String>,
-    pub instances: Instances,
-    /// Per upstream, the exact server identities to accept.
-    pub expected: HashMap<String, Vec<String>>,
-}
-
-/// The outcome of joining the held resources.
-#[derive(Debug)]
-pub enum Assembly {
-    /// Complete: serve it.
-    Ready(Box<Assembled>, RbacChain),
-    /// A referenced resource has not arrived yet.
-    Warming(String),
-}
-
-impl Held {
-    /// The EDS names the clusters need, and the SDS names listeners and
-    /// clusters refer to.
-    pub fn wanted(&self) -> (BTreeSet<String>, BTreeSet<String>) {
-        let mut eds = BTreeSet::new();
-        let mut sds = BTreeSet::new();
-        for (name, c) in &self.clusters {
-            if c.kind == ClusterKind::Eds {
-                eds.insert(name.clone());
-            }
-            if let Some(UpstreamTls {
-                certs: Certs::Sds { leaf, roots },
-                ..
-            }) = &c.tls
-            {
-                sds.insert(leaf.clone());
-                sds.insert(roots.clone());
-            }
-        }
-        for l in self.listeners.values() {
-            if let ListenerSpec::Public {
-                certs: Certs::Sds { leaf, roots },
-                ..
-            } = l
-            {
-                sds.insert(leaf.clone());
-                sds.insert(roots.clone());
-            }
-        }
-        (eds, sds)
-    }
-
-    fn pem(&self, certs: &Certs) -> Result<(String, String, String), String> {
-        match certs {
-            Certs::Inline { chain, key, roots } => Ok((chain.clone(), key.clone(), roots.clone())),
-            Certs::Sds { leaf, roots } => {
-                let (chain, key) = match self.secrets.get(leaf) {
-                    Some(SecretSpec::Leaf { chain, key }) => (chain.clone(), key.clone()),
-                    Some(_) => return Err(format!("secret {leaf} is not a certificate")),
-                    None => return Err(format!("waiting for secret {leaf}")),
-                };
-                match self.secrets.get(roots) {
-                    Some(SecretSpec::Roots(r)) => Ok((chain, key, r.clone())),
-                    Some(_) => Err(format!("secret {roots} is not a validation context")),
-                    None => Err(format!("waiting for secret {roots}")),
-                }
-            }
-        }
-    }
-
-    /// Joins everything held into one view for `service`.
-    pub fn assemble(&self, service: &str) -> Assembly {
-        let mut listen = None;
-        let mut service_addr = String::new();
-        let mut local_connect_timeout = None;
-        let mut max_inbound_conns = None;
-        let mut pem = None;
-        let mut rbac = RbacChain::default();
-        let mut upstreams = Vec::new();
-        let mut instances = Instances::new();
-        let mut expected = HashMap::new();
-        for (name, l) in &self.listeners {
-            match l {
-                ListenerSpec::Public {
-                    addr,
-                    certs,
-                    rbac: r,
-                    cluster,
-                } => {
-                    let Some(c) = self.clusters.get(cluster) else {
-                        return Assembly::Warming(format!(
-                            "listener {name}: waiting for cluster {cluster}"
-                        ));
-                    };
-                    let ClusterKind::Static(app) = &c.kind else {
-                        return Assembly::Warming(format!(
-                            "listener {name}: cluster {cluster} is not a static local app"
-                        ));
-                    };
-                    match self.pem(certs) {
-                        Ok(p) => pem = Some(p),
-                        Err(why) => return Assembly::Warming(format!("listener {name}: {why}")),
-                    }
-                    listen = Some(*addr);
-                    service_addr = app.clone();
-                    local_connect_timeout = c.connect_timeout;
-                    // Consul's `max_inbound_connections`: the local app
-                    // cluster's circuit breaker.
-                    max_inbound_conns = c.max_conns;
-                    rbac = r.clone();
-                }
-                ListenerSpec::Upstream { id, bind, cluster } => {
-                    let Some(c) = self.clusters.get(cluster) else {
-                        return Assembly::Warming(format!(
-                            "listener {name}: waiting for cluster {cluster}"
-                        ));
-                    };
-                    // The legs to try, in order: the cluster itself, or an
-                    // aggregate's clusters; the first priority group of the
-                    // first leg that has usable hosts serves.
-                    let legs: Vec<&String> = match &c.kind {
-                        ClusterKind::Aggregate(legs) => legs.iter().collect(),
-                        _ => vec![cluster],
-                    };
-                    let mut chosen = Vec::new();
-                    let mut sans = Vec::new();
-                    let mut first_tls = None;
-                    for leg in legs {
-                        let Some(lc) = self.clusters.get(leg) else {
-                            return Assembly::Warming(format!(
-                                "cluster {cluster}: waiting for leg {leg}"
-                            ));
-                        };
-                        let Some(tls) = &lc.tls else {
-                            return Assembly::Warming(format!("cluster {leg}: no upstream TLS"));
-                        };
-                        if first_tls.is_none() {
-                            first_tls = Some(tls.clone());
-                        }
-                        let Some(eps) = self.endpoints.get(leg) else {
-                            return Assembly::Warming(format!(
-                                "cluster {leg}: waiting for endpoints"
-                            ));
-                        };
-                        if !chosen.is_empty() {
-                            continue;
-                        }
-                        if let Some(hosts) = eps.0.values().find(|h| !h.is_empty()) {
-                            let sni = ServerName::try_from(tls.sni.clone())
-                                .unwrap_or_else(|_| ServerName::IpAddress(hosts[0].ip().into()));
-                            chosen = hosts.iter().map(|a| (*a, sni.clone())).collect();
-                            sans = tls.sans.clone();
-                        }
-                    }
-                    if pem.is_none() {
-                        if let Some(t) = &first_tls {
-                            match self.pem(&t.certs) {
-                                Ok(p) => pem = Some(p),
-                                Err(why) => {
-                                    return Assembly::Warming(format!("cluster {cluster}: {why}"))
-                                }
-                            }
-                        }
-                    }
-                    if sans.is_empty() {
-                        if let Some(t) = &first_tls {
-                            sans = t.sans.clone();
-                        }
-                    }
-                    instances.insert(id.clone(), chosen);
-                    expected.insert(id.clone(), sans);
-                    upstreams.push(UpstreamConfig {
-                        name: id.clone(),
-                        bind: BindAddr::Tcp(*bind),
-                        discovery: Discovery::ControlPlane,
-                        deadline: c.connect_timeout,
-                        max_conns: c.max_conns,
-                        ejection: c.ejection,
-                    });
-                }
-            }
-        }
-        let Some(pem) = pem else {
-            return Assembly::Warming("no listener or cluster carries certificates yet".into());
-        };
-        let rbac_text = vec![format!("{rbac:?}")];
-        Assembly::Ready(
-            Box::new(Assembled {
-                listeners: ListenerSet {
-                    service: service.to_string(),
-                    listen,
-                    service_addr,
-                    local_connect_timeout,
-                    handshake_timeout: None,
-                    max_inbound_conns,
-                    upstreams,
-                    // Exposed paths are HTTP listeners Consul sends as
-                    // http_connection_manager, which ferry refuses (L4 only).
-                    expose: Vec::new(),
-                    // The bootstrap's Prometheus listener is served by
-                    // `app::xds`; there is no stats listener over xDS.
-                    metrics_bind: None,
-                    stats_bind: None,
-                },
-                pem,
-                rbac: rbac_text,
-                instances,
-                expected,
-            }),
-            rbac,
-        )
-    }
 }
 
 #[cfg(test)]
