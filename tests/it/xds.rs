@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
@@ -14,14 +13,13 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry::control::xds::bootstrap::Bootstrap;
 use ferry::control::xds::Backoff;
 use ferry::identity::dev_ca::Leaf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS, SDS};
 use crate::support::{
-    any_name, assert_echo, dead_addr, echo_once, eventually, mesh_conn, raw_client, round_trip,
-    server_config, within, EchoServer, FerryProcess, Pki,
+    assert_echo, dead_addr, echo_once, eventually, mesh_conn, mesh_echo, plain_echo, refused,
+    until, within, EchoServer, FerryProcess, MeshConn, Pki, TlsEchoServer,
 };
 
 /// A sidecar for `web` fed by an ADS server, plus the pieces to change it.
@@ -96,29 +94,8 @@ impl Sidecar {
     }
 
     fn sni(&self, svc: &str) -> String {
-        format!("{svc}.default.dc1.internal.{}", self.pki.trust_domain())
+        crate::support::envoy::sni(svc, "dc1", self.pki.trust_domain())
     }
-}
-
-/// Whether a mesh connection from `leaf` is refused (no echo).
-async fn refused(addr: SocketAddr, leaf: &Leaf) -> bool {
-    let Ok(tcp) = TcpStream::connect(addr).await else {
-        return true; // not listening (yet)
-    };
-    match within("handshake", raw_client(Some(leaf)).connect(any_name(), tcp)).await {
-        Err(_) => true,
-        Ok(mut t) => round_trip(&mut t, b"hello?")
-            .await
-            .map_or(true, |g| g.is_empty()),
-    }
-}
-
-/// Whether a plain connection to an upstream listener is refused.
-async fn upstream_refused(addr: SocketAddr) -> bool {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    round_trip(&mut s, b"hello?")
-        .await
-        .map_or(true, |g| g.is_empty())
 }
 
 #[tokio::test]
@@ -179,25 +156,37 @@ async fn intentions_as_rbac_allow_deny_and_default_deny() {
     assert_eq!(addr, s.public);
     let api = s.pki.leaf("api");
     let evil = s.pki.leaf("evil");
-    assert!(refused(addr, &api).await, "rules {{}}: nobody passes");
+    assert!(
+        refused(&mesh_echo(addr, &api).await),
+        "rules {{}}: nobody passes"
+    );
 
     s.set_public(
         &s.inline(&s.web),
         &Intentions::DefaultDeny(vec!["api".into()]),
     );
-    eventually_async("api allowed", || async { !refused(addr, &api).await }).await;
-    assert!(refused(addr, &evil).await, "default deny: evil refused");
+    until("api allowed", || async {
+        !refused(&mesh_echo(addr, &api).await)
+    })
+    .await;
+    assert!(
+        refused(&mesh_echo(addr, &evil).await),
+        "default deny: evil refused"
+    );
 
     s.set_public(
         &s.inline(&s.web),
         &Intentions::DefaultAllow(vec!["evil".into()]),
     );
-    eventually_async("evil denied, api still allowed", || async {
-        !refused(addr, &api).await && refused(addr, &evil).await
+    until("evil denied, api still allowed", || async {
+        !refused(&mesh_echo(addr, &api).await) && refused(&mesh_echo(addr, &evil).await)
     })
     .await;
     let other = s.pki.leaf("other");
-    assert!(!refused(addr, &other).await, "default allow: others pass");
+    assert!(
+        !refused(&mesh_echo(addr, &other).await),
+        "default allow: others pass"
+    );
 }
 
 #[tokio::test]
@@ -223,76 +212,7 @@ async fn an_rbac_change_closes_only_the_connections_it_now_denies() {
         "evil's open connection is closed: {n:?}"
     );
     echo_once(&mut keep, b"api after").await;
-    assert!(refused(addr, &evil).await);
-}
-
-/// Polls an async condition until it holds, within the deadline.
-async fn eventually_async<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    within(what, async {
-        while !f().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-/// An mTLS echo server presenting `leaf` that records the SNI of every
-/// handshake.
-struct SniServer {
-    addr: SocketAddr,
-    snis: Arc<Mutex<Vec<Option<String>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SniServer {
-    async fn start(pki: &Pki, leaf: &Leaf) -> SniServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let snis = Arc::new(Mutex::new(Vec::new()));
-        let acceptor = TlsAcceptor::from(server_config(pki, leaf));
-        let seen = snis.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    seen.lock()
-                        .unwrap()
-                        .push(tls.get_ref().1.server_name().map(str::to_string));
-                    let mut buf = vec![0u8; 4096];
-                    loop {
-                        match tls.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if tls.write_all(&buf[..n]).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    let _ = tls.shutdown().await;
-                });
-            }
-        });
-        SniServer { addr, snis, task }
-    }
-
-    fn handshakes(&self) -> usize {
-        self.snis.lock().unwrap().len()
-    }
-}
-
-impl Drop for SniServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    assert!(refused(&mesh_echo(addr, &evil).await));
 }
 
 const DB_CLUSTER: &str = "db.default.dc1.internal.test";
@@ -328,8 +248,8 @@ async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_change
 ) {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
     let db = s.pki.leaf("db");
-    let one = SniServer::start(&s.pki, &db).await;
-    let two = SniServer::start(&s.pki, &db).await;
+    let one = TlsEchoServer::start(&s.pki, &db).await;
+    let two = TlsEchoServer::start(&s.pki, &db).await;
     let bind = add_db(
         &s,
         "db",
@@ -341,10 +261,7 @@ async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_change
     let ferry = s.start().await;
     assert_eq!(ferry.upstream("db"), Some(bind));
     assert_echo(bind, b"to db over EDS").await;
-    assert_eq!(
-        one.snis.lock().unwrap()[0].as_deref(),
-        Some(s.sni("db").as_str())
-    );
+    assert_eq!(one.first_sni().as_deref(), Some(s.sni("db").as_str()));
 
     // A held connection stays on instance one when the endpoints change.
     let mut held = TcpStream::connect(bind).await.expect("connect");
@@ -354,7 +271,7 @@ async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_change
         DB_CLUSTER,
         ads::cla(DB_CLUSTER, &[(0, two.addr, ads::HEALTHY)]),
     );
-    eventually_async("new connections reach instance two", || async {
+    until("new connections reach instance two", || async {
         assert_echo(bind, b"new").await;
         two.handshakes() > 0
     })
@@ -378,8 +295,8 @@ async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_change
         DB_CLUSTER,
         ads::cla(DB_CLUSTER, &[(0, two.addr, ads::HEALTHY)]),
     );
-    eventually_async("a wrong server identity is refused", || async {
-        upstream_refused(bind).await
+    until("a wrong server identity is refused", || async {
+        refused(&plain_echo(bind).await)
     })
     .await;
 }
@@ -395,7 +312,7 @@ async fn a_new_inline_certificate_serves_new_handshakes_while_open_connections_c
     let old_serial = serial(&held);
     let new_web = s.pki.leaf("web");
     s.set_public(&s.inline(&new_web), &Intentions::DefaultAllow(Vec::new()));
-    eventually_async("new handshakes present the new leaf", || async {
+    until("new handshakes present the new leaf", || async {
         let c = mesh_conn(addr, &api).await;
         serial(&c) != old_serial
     })
@@ -403,7 +320,7 @@ async fn a_new_inline_certificate_serves_new_handshakes_while_open_connections_c
     echo_once(&mut held, b"after").await;
 }
 
-fn serial(c: &crate::support::MeshConn) -> String {
+fn serial(c: &MeshConn) -> String {
     let cert = c.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
     ferry::identity::peer_identity(&cert)
         .expect("identity")
@@ -435,7 +352,7 @@ async fn sds_connect_leaf_and_root_are_waited_for_and_rotate_without_dropping_co
     let old = serial(&held);
     s.ads
         .set(SDS, "connect-leaf", ads::leaf_secret(&s.pki.leaf("web")));
-    eventually_async("new handshakes use the rotated SDS leaf", || async {
+    until("new handshakes use the rotated SDS leaf", || async {
         serial(&mesh_conn(addr, &api).await) != old
     })
     .await;
@@ -523,7 +440,7 @@ async fn a_bad_resource_is_nacked_with_a_reason_and_the_last_good_state_serves()
     .await;
     let fresh = mesh_conn(addr, &api).await;
     assert_eq!(serial(&fresh), serial(&c), "still the last good leaf");
-    assert!(!refused(addr, &api).await);
+    assert!(!refused(&mesh_echo(addr, &api).await));
 }
 
 #[tokio::test]
@@ -538,7 +455,7 @@ async fn after_an_agent_restart_ferry_reconnects_resumes_with_versions_and_appli
     s.ads.restart().await;
     echo_once(&mut held, b"while the agent is away").await;
     assert!(
-        !refused(addr, &api).await,
+        !refused(&mesh_echo(addr, &api).await),
         "serving while the stream is down"
     );
     s.ads.stall(false);
@@ -553,8 +470,8 @@ async fn after_an_agent_restart_ferry_reconnects_resumes_with_versions_and_appli
         &s.inline(&s.web),
         &Intentions::DefaultAllow(vec!["api".into()]),
     );
-    eventually_async("a change after the restart applies", || async {
-        refused(addr, &api).await
+    until("a change after the restart applies", || async {
+        refused(&mesh_echo(addr, &api).await)
     })
     .await;
     let mut buf = [0u8; 4];
@@ -566,8 +483,8 @@ async fn after_an_agent_restart_ferry_reconnects_resumes_with_versions_and_appli
 async fn failover_to_a_lower_priority_when_the_first_has_no_healthy_hosts() {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
     let db = s.pki.leaf("db");
-    let dc1 = SniServer::start(&s.pki, &db).await;
-    let dc2 = SniServer::start(&s.pki, &db).await;
+    let dc1 = TlsEchoServer::start(&s.pki, &db).await;
+    let dc2 = TlsEchoServer::start(&s.pki, &db).await;
     let bind = add_db(
         &s,
         "db",
@@ -587,7 +504,7 @@ async fn failover_to_a_lower_priority_when_the_first_has_no_healthy_hosts() {
             &[(0, dc1.addr, ads::HEALTHY), (1, dc2.addr, ads::HEALTHY)],
         ),
     );
-    eventually_async("back to priority 0 once healthy", || async {
+    until("back to priority 0 once healthy", || async {
         assert_echo(bind, b"back").await;
         dc1.handshakes() > 0
     })
@@ -598,7 +515,7 @@ async fn failover_to_a_lower_priority_when_the_first_has_no_healthy_hosts() {
 async fn aggregate_failover_legs_use_their_own_sni_and_identity() {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
     let db = s.pki.leaf("db");
-    let remote = SniServer::start(&s.pki, &db).await;
+    let remote = TlsEchoServer::start(&s.pki, &db).await;
     let primary = "db.default.dc1.internal.test";
     let legs = [
         format!("failover-target~0~{primary}"),
@@ -642,17 +559,14 @@ async fn aggregate_failover_legs_use_their_own_sni_and_identity() {
     s.ads.set(LDS, &name, l);
     let _ferry = s.start().await;
     assert_echo(bind, b"via the failover leg").await;
-    assert_eq!(
-        remote.snis.lock().unwrap()[0].as_deref(),
-        Some(dc2_sni.as_str())
-    );
+    assert_eq!(remote.first_sni().as_deref(), Some(dc2_sni.as_str()));
 }
 
 #[tokio::test]
 async fn circuit_breaker_max_connections_caps_an_upstream() {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
     let db = s.pki.leaf("db");
-    let one = SniServer::start(&s.pki, &db).await;
+    let one = TlsEchoServer::start(&s.pki, &db).await;
     let opts = ClusterOpts {
         max_connections: Some(1),
         outlier: Some((3, Duration::from_secs(30))),
@@ -662,12 +576,12 @@ async fn circuit_breaker_max_connections_caps_an_upstream() {
     let mut first = TcpStream::connect(bind).await.expect("connect");
     echo_once(&mut first, b"the one allowed").await;
     assert!(
-        upstream_refused(bind).await,
+        refused(&plain_echo(bind).await),
         "a second concurrent connection is refused"
     );
     drop(first);
-    eventually_async("a slot frees up", || async {
-        !upstream_refused(bind).await
+    until("a slot frees up", || async {
+        !refused(&plain_echo(bind).await)
     })
     .await;
 }
@@ -707,7 +621,7 @@ impl Drop for XdsEnvoy {
 async fn decisions(addr: SocketAddr, sources: &[(&str, &Leaf)]) -> Vec<(String, bool)> {
     let mut out = Vec::new();
     for (name, leaf) in sources {
-        out.push((name.to_string(), !refused(addr, leaf).await));
+        out.push((name.to_string(), !refused(&mesh_echo(addr, *leaf).await)));
     }
     out
 }
@@ -756,11 +670,11 @@ async fn envoy_and_ferry_decide_the_same_for_the_same_rbac() {
             .zip(pass)
             .map(|((n, _), p)| (n.to_string(), p))
             .collect();
-        eventually_async("Envoy to decide as expected", || async {
+        until("Envoy to decide as expected", || async {
             decisions(e.public, &sources).await == want
         })
         .await;
-        eventually_async("ferry to decide as Envoy does", || async {
+        until("ferry to decide as Envoy does", || async {
             decisions(ferry_addr, &sources).await == want
         })
         .await;
@@ -782,7 +696,7 @@ async fn a_prepared_query_upstream_accepts_any_datacenter_its_cluster_names() {
         .ca
         .leaf("geo-db", "dc2", Duration::from_secs(3600))
         .expect("dc2 leaf");
-    let dc2 = SniServer::start(&s.pki, &dc2_leaf).await;
+    let dc2 = TlsEchoServer::start(&s.pki, &dc2_leaf).await;
     let cluster = format!("geo-db.default.dc1.query.{}", s.pki.trust_domain());
     let sans = [
         s.pki.ca.spiffe_uri("dc1", "geo-db"),
@@ -810,17 +724,14 @@ async fn a_prepared_query_upstream_accepts_any_datacenter_its_cluster_names() {
     let ferry = s.start().await;
     assert_eq!(ferry.upstream("prepared_query:geo-db"), Some(bind));
     assert_echo(bind, b"answered from dc2").await;
-    assert_eq!(
-        dc2.snis.lock().unwrap()[0].as_deref(),
-        Some(cluster.as_str())
-    );
+    assert_eq!(dc2.first_sni().as_deref(), Some(cluster.as_str()));
 }
 
 #[tokio::test]
 async fn outlier_detection_ejects_a_failing_instance() {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
     let db = s.pki.leaf("db");
-    let good = SniServer::start(&s.pki, &db).await;
+    let good = TlsEchoServer::start(&s.pki, &db).await;
     let dead = dead_addr().await;
     let opts = ClusterOpts {
         max_connections: None,
