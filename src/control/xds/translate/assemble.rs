@@ -237,3 +237,80 @@ impl Held {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::LOCAL_APP;
+    use super::*;
+
+    fn inline() -> Certs {
+        Certs::Inline {
+            chain: "chain".into(),
+            key: "key".into(),
+            roots: "roots".into(),
+        }
+    }
+
+    #[test]
+    fn a_view_caps_the_public_listener_by_the_local_app_breaker_and_binds_upstreams_on_tcp() {
+        let mut held = Held::default();
+        held.listeners.insert(
+            "public_listener:127.0.0.1:21000".into(),
+            ListenerSpec::Public {
+                addr: "127.0.0.1:21000".parse().unwrap(),
+                certs: inline(),
+                rbac: RbacChain::default(),
+                cluster: LOCAL_APP.into(),
+            },
+        );
+        held.clusters.insert(
+            LOCAL_APP.into(),
+            ClusterSpec {
+                kind: ClusterKind::Static("127.0.0.1:8080".into()),
+                connect_timeout: None,
+                max_conns: Some(7),
+                ejection: None,
+                tls: None,
+            },
+        );
+        held.listeners.insert(
+            "db:127.0.0.1:9191".into(),
+            ListenerSpec::Upstream {
+                id: "db".into(),
+                bind: "127.0.0.1:9191".parse().unwrap(),
+                cluster: "db.c".into(),
+            },
+        );
+        held.clusters.insert(
+            "db.c".into(),
+            ClusterSpec {
+                kind: ClusterKind::Eds,
+                connect_timeout: None,
+                max_conns: Some(3),
+                ejection: None,
+                tls: Some(UpstreamTls {
+                    sni: "db.default.dc1.internal.example".into(),
+                    sans: vec!["spiffe://example/ns/default/dc/dc1/svc/db".into()],
+                    certs: inline(),
+                }),
+            },
+        );
+        held.endpoints.insert(
+            "db.c".into(),
+            EndpointsSpec(BTreeMap::from([(0, vec!["127.0.0.1:1".parse().unwrap()])])),
+        );
+        let Assembly::Ready(view, _) = held.assemble("web") else {
+            panic!("every reference is held: the view is complete");
+        };
+        let set = &view.listeners;
+        assert_eq!(set.max_inbound_conns, Some(7), "max_inbound_connections");
+        assert_eq!(set.service_addr, "127.0.0.1:8080");
+        let [db] = set.upstreams.as_slice() else {
+            panic!("one upstream: {:?}", set.upstreams);
+        };
+        assert_eq!(db.bind, BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()));
+        assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
+        assert!(set.expose.is_empty(), "no exposed paths over xDS");
+        assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+}
