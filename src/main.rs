@@ -23,7 +23,11 @@ use ferry::control::agent::WatchPolicy;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match cli::parse(std::env::args_os()) {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "envoy") {
+        return envoy(argv.split_off(2));
+    }
+    let cli = match cli::parse(argv) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -41,6 +45,132 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logs(level: tracing::level_filters::LevelFilter, json: bool) {
+    let logs = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr);
+    if json {
+        // One JSON object per line, the event's fields at the top level
+        // next to "timestamp", "level", "target" and "message".
+        logs.json().flatten_event(true).with_ansi(false).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// `ferry envoy ARGS...`: Envoy's command line, configured over xDS.
+#[cfg(feature = "xds")]
+fn envoy(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let envoy = match cli::envoy::EnvoyArgs::parse_from_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let Some(level) = envoy.level() else {
+        eprintln!(
+            "ferry envoy: -l {:?}: expected trace, debug, info, warn, warning, error, critical or off",
+            envoy.log_level
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let ferry_args =
+        match cli::parse(std::iter::once("ferry".to_string()).chain(envoy.ferry_args.clone())) {
+            Ok(c) => c.proxy,
+            Err(e) => {
+                eprintln!("ferry envoy: ferry flags after --: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+    init_logs(level, ferry_args.log_json);
+    for w in envoy.ignored() {
+        tracing::warn!("{w}");
+    }
+    let Some(path) = &envoy.config_path else {
+        eprintln!("ferry envoy: -c/--config-path is required (the bootstrap file)");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let boot = match ferry::control::xds::bootstrap::Bootstrap::load(path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("ferry envoy: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = match Config::for_control_plane(&ferry_args, boot.service()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry envoy: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut builder = match envoy.concurrency {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) if n > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        _ => runtime_builder(),
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let drain = ferry_args.drain_timeout.0;
+    runtime.block_on(async move {
+        let started = tokio::select! {
+            r = ferry::app::xds::start(boot, config, Default::default()) => r,
+            _ = ferry::ops::signal::shutdown() => {
+                tracing::info!("stopped before serving");
+                return ExitCode::SUCCESS;
+            }
+        };
+        match started {
+            Ok(running) => serve_until_signal(running, drain).await,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+#[cfg(not(feature = "xds"))]
+fn envoy(_: Vec<std::ffi::OsString>) -> ExitCode {
+    eprintln!("ferry envoy: this ferry was built without the `xds` feature");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Runs until a signal, then drains for up to `drain` (a second signal
+/// exits at once).
+async fn serve_until_signal(running: ferry::Running, drain: std::time::Duration) -> ExitCode {
+    ferry::ops::signal::shutdown().await;
+    tracing::info!(drain_timeout = ?drain, "draining: no new connections; open ones may finish");
+    tokio::select! {
+        clean = running.shutdown(drain) => {
+            if clean {
+                tracing::info!("drained cleanly");
+            } else {
+                tracing::warn!("drain timeout reached; closed the remaining connections");
+            }
+            ExitCode::SUCCESS
+        }
+        _ = ferry::ops::signal::shutdown() => {
+            tracing::warn!("second signal: exiting now");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn proxy(args: ProxyArgs) -> ExitCode {
     let Some(level) = cli::log_level(&args.log_level) else {
         eprintln!(
@@ -49,16 +179,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     };
-    let logs = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        // One JSON object per line, the event's fields at the top level
-        // next to "timestamp", "level", "target" and "message".
-        logs.json().flatten_event(true).with_ansi(false).init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+    init_logs(level, args.log_json);
     for w in ignored_flags(&args) {
         tracing::warn!("{w}");
     }
@@ -90,27 +211,11 @@ fn proxy(args: ProxyArgs) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
         };
-        let running = match started {
-            Ok(r) => r,
+        match started {
+            Ok(running) => serve_until_signal(running, drain).await,
             Err(e) => {
                 tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        ferry::ops::signal::shutdown().await;
-        tracing::info!(drain_timeout = ?drain, "draining: no new connections; open ones may finish");
-        tokio::select! {
-            clean = running.shutdown(drain) => {
-                if clean {
-                    tracing::info!("drained cleanly");
-                } else {
-                    tracing::warn!("drain timeout reached; closed the remaining connections");
-                }
-                ExitCode::SUCCESS
-            }
-            _ = ferry::ops::signal::shutdown() => {
-                tracing::warn!("second signal: exiting now");
-                ExitCode::SUCCESS
+                ExitCode::FAILURE
             }
         }
     })

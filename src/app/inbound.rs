@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{timers, Shutdown, StartError};
-use crate::authz::Authorizer;
+use crate::authz::{Authorizer, RbacChain};
 use crate::config::{AuthzSource, Config, InboundConfig};
 use crate::control::agent::authorize::AgentAuthorizer;
 use crate::control::agent::register::{self, Registration};
@@ -36,6 +36,8 @@ pub(super) struct Wiring<'a> {
     pub metrics: &'a Arc<Metrics>,
     pub policy: WatchPolicy,
     pub shutdown: &'a Shutdown,
+    /// RBAC a control plane pushes (xDS), for `AuthzSource::ControlPlane`.
+    pub rbac: Option<Receiver<RbacChain>>,
 }
 
 impl Wiring<'_> {
@@ -99,6 +101,39 @@ impl Wiring<'_> {
                 Ok((Authorizer::Remote(Arc::new(authz)), Some(live)))
             }
             (AuthzSource::Agent { .. }, None) => Err(StartError::NoAgent),
+            (AuthzSource::ControlPlane, _) => {
+                let rx = self.rbac.clone().ok_or(StartError::ControlPlane(
+                    "no RBAC feed from the control plane".into(),
+                ))?;
+                let live = Arc::new(LiveConns::default());
+                self.shutdown.control.spawn(close_denied(
+                    rx.clone(),
+                    live.clone(),
+                    self.shutdown.halt.clone(),
+                ));
+                Ok((Authorizer::Rbac(rx), Some(live)))
+            }
+        }
+    }
+}
+
+/// On every new RBAC policy, closes the open connections it now denies,
+/// and only those.
+async fn close_denied(mut rx: Receiver<RbacChain>, live: Arc<LiveConns>, halt: CancellationToken) {
+    loop {
+        let chain = tokio::select! {
+            c = rx.changed() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            _ = halt.cancelled() => return,
+        };
+        let closed = live.close_denied(|p| chain.decide(p));
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "RBAC changed: closed the open connections it now denies"
+            );
         }
     }
 }

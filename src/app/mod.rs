@@ -5,8 +5,10 @@
 //! registration (registration mode: the listener set) → the credentials
 //! channel → bind and serve every listener → wait for the first
 //! credentials → upstream discovery → `-register` → follow the listener
-//! set. Each phase is a function below (the admin listeners' in `ops`); a
-//! failure in any of them stops what the earlier ones spawned.
+//! set. Each phase is a function below (the admin listeners' in `ops`, the
+//! credentials channel in `certs`); a failure in any of them stops what the
+//! earlier ones spawned. xDS mode (`xds`) starts the same phases with feeds
+//! from the control plane.
 //!
 //! Owns: the order of start-up and shutdown, and which source feeds which
 //! listener. May import every part; no part imports it.
@@ -17,11 +19,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::authz::RbacChain;
 use crate::config::agent::ProxyIdentity;
-use crate::config::{AuthzSource, BindAddr, CertSource, Config, InboundConfig};
+use crate::config::{AuthzSource, BindAddr, Config, InboundConfig};
 use crate::control::agent::register::{self, Registration};
-use crate::control::agent::{credentials, registration, AgentClient, AgentError, WatchPolicy};
-use crate::control::{ListenerSet, Publisher, Receiver};
+use crate::control::agent::{registration, AgentClient, AgentError, WatchPolicy};
+use crate::control::{Instances, ListenerSet, Publisher, Receiver};
 use crate::identity::tls::Credentials;
 use crate::ops::admin::Admin;
 use crate::ops::metrics::Metrics;
@@ -29,13 +32,17 @@ use crate::proxy::balancer::InstanceState;
 use crate::proxy::net::Listener;
 use crate::proxy::splice::Timers;
 
+mod certs;
 mod expose;
 mod inbound;
 mod ops;
 mod shutdown;
 mod status;
 mod upstreams;
+#[cfg(feature = "xds")]
+pub mod xds;
 
+use certs::credentials;
 use expose::ExposeSet;
 use inbound::{register_self, SelfRegistration, Wiring};
 use ops::{serve_admin, serve_envoy_compat};
@@ -65,6 +72,18 @@ pub enum StartError {
     NoAgent,
     #[error("proxy registration: {0}")]
     Registration(String),
+    #[error("{0}")]
+    ControlPlane(String),
+}
+
+/// What a control plane that configures everything (xDS) feeds the
+/// supervisor: the listener set (and its first value), certificates,
+/// RBAC and each upstream's instances.
+pub(crate) struct Feeds {
+    pub sets: (Receiver<ListenerSet>, Arc<ListenerSet>),
+    pub credentials: Receiver<Credentials>,
+    pub rbac: Receiver<RbacChain>,
+    pub instances: Receiver<Instances>,
 }
 
 /// A running proxy.
@@ -94,9 +113,19 @@ pub struct Running {
 /// wait for them, bounded by the handshake timeout (inbound) or the
 /// upstream deadline, so callers (and tests using port 0) can connect at
 /// once and `/ready` turns 200 only when everything serves. `policy` times everything that talks to the agent.
-pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
+pub async fn start(config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
+    start_with(config, policy, Shutdown::new(), None).await
+}
+
+/// [`start`], on `shutdown`, with everything from `feeds` when a control
+/// plane configures the whole proxy.
+pub(crate) async fn start_with(
+    mut config: Config,
+    policy: WatchPolicy,
+    shutdown: Shutdown,
+    feeds: Option<Feeds>,
+) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
-    let shutdown = Shutdown::new();
     let on_error = shutdown.abort_on_drop();
     let client = match &config.agent {
         Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),
@@ -104,17 +133,34 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
     };
     let admin = Arc::new(Admin::new(metrics.clone()));
     let admin_addr = serve_admin(config.admin, &admin, &shutdown)?;
-    let listener_sets = match config.sidecar.clone() {
-        Some(identity) => {
+    let (feed_creds, rbac, instances, from_control) = match feeds {
+        Some(f) => (
+            Some(f.credentials),
+            Some(f.rbac),
+            Some(f.instances),
+            Some(f.sets),
+        ),
+        None => (None, None, None, None),
+    };
+    let listener_sets = match (config.sidecar.clone(), from_control) {
+        (_, Some((rx, first))) => {
+            apply_registration(&mut config, &first, AuthzSource::ControlPlane);
+            Some((rx, first))
+        }
+        (Some(identity), None) => {
             let client = client.as_ref().ok_or(StartError::NoAgent)?;
             let (rx, first) = follow_registration(client, &identity, policy, &shutdown).await?;
-            apply_registration(&mut config, &first);
+            let authz = AuthzSource::Agent {
+                fallback_window: config.authz_fallback_window,
+                recheck_every: config.reauthorize_interval,
+            };
+            apply_registration(&mut config, &first, authz);
             serve_envoy_compat(&first, &admin, &shutdown)?;
             Some((rx, first))
         }
-        None => None,
+        (None, None) => None,
     };
-    let credentials = credentials(&config, &client, &metrics, policy, &shutdown)?;
+    let credentials = credentials(&config, &client, &metrics, policy, &shutdown, feed_creds)?;
     let mut creds_rx = credentials.subscribe();
 
     let upstreams = Arc::new(UpstreamSet::new(
@@ -128,6 +174,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             max_conns: config.limits.upstream_conns,
             ejection: config.ejection,
             policy,
+            instances,
         },
         shutdown.clone(),
     ));
@@ -151,6 +198,7 @@ pub async fn start(mut config: Config, policy: WatchPolicy) -> Result<Running, S
             metrics: &metrics,
             policy,
             shutdown: &shutdown,
+            rbac,
         };
         inbound_addr = Some(wiring.serve_inbound(listener, i, creds_rx.clone())?);
     }
@@ -223,16 +271,14 @@ async fn follow_registration(
     Ok((rx, first))
 }
 
-/// Fills the parts of `config` a listener set decides.
-fn apply_registration(config: &mut Config, set: &ListenerSet) {
+/// Fills the parts of `config` a listener set decides; the public
+/// listener's policy comes from `authz`.
+fn apply_registration(config: &mut Config, set: &ListenerSet, authz: AuthzSource) {
     config.service = set.service.clone();
     config.inbound = set.listen.map(|listen| InboundConfig {
         listen,
         service_addr: set.service_addr.clone(),
-        authz: AuthzSource::Agent {
-            fallback_window: config.authz_fallback_window,
-            recheck_every: config.reauthorize_interval,
-        },
+        authz,
     });
     config.upstreams = set.upstreams.clone();
     if let Some(t) = set.local_connect_timeout {
@@ -244,39 +290,6 @@ fn apply_registration(config: &mut Config, set: &ListenerSet) {
     if let Some(n) = set.max_inbound_conns {
         config.limits.conns = n;
     }
-}
-
-/// Phase 3: the credentials channel: filled at once from files, or by the
-/// agent watcher it starts (start waits for the first value after binding).
-fn credentials(
-    config: &Config,
-    client: &Option<AgentClient>,
-    metrics: &Arc<Metrics>,
-    policy: WatchPolicy,
-    shutdown: &Shutdown,
-) -> Result<Arc<Publisher<Credentials>>, StartError> {
-    let m = metrics.clone();
-    let publisher = Arc::new(Publisher::new().on_publish(move |c: &Credentials, first| {
-        m.leaf_expiry.set(c.leaf_not_after);
-        if !first {
-            m.rotations.inc();
-        }
-    }));
-    match (&config.certs, client) {
-        (CertSource::Files(c), _) => publisher.publish(c.clone()),
-        (CertSource::Agent, None) => return Err(StartError::NoAgent),
-        (CertSource::Agent, Some(client)) => {
-            shutdown.control.spawn(credentials::credentials(
-                client.clone(),
-                config.service.clone(),
-                publisher.clone(),
-                policy,
-                shutdown.halt.clone(),
-            ));
-            tracing::info!(service = %config.service, "waiting for certificates from the agent");
-        }
-    }
-    Ok(publisher)
 }
 
 /// Binds `addr` for the listener `what` names (a flag, for the error).
@@ -374,6 +387,10 @@ mod tests {
             max_conns: None,
             ejection: None,
         };
+        let agent = AuthzSource::Agent {
+            fallback_window: config.authz_fallback_window,
+            recheck_every: config.reauthorize_interval,
+        };
         apply_registration(
             &mut config,
             &ListenerSet {
@@ -388,6 +405,7 @@ mod tests {
                 stats_bind: None,
                 upstreams: vec![db.clone()],
             },
+            agent.clone(),
         );
         assert_eq!(config.service, "api");
         let i = config.inbound.as_ref().expect("public listener");
@@ -423,6 +441,7 @@ mod tests {
                 stats_bind: None,
                 upstreams: Vec::new(),
             },
+            agent,
         );
         assert!(no_listener.inbound.is_none(), "port 0: no public listener");
     }

@@ -18,7 +18,7 @@ use super::shutdown::Shutdown;
 use super::{bind_local, StartError};
 use crate::config::{BindAddr, Discovery, Timeouts, UpstreamConfig};
 use crate::control::agent::{instances, AgentClient, WatchPolicy};
-use crate::control::{ListenerSet, Receiver};
+use crate::control::{Instances, ListenerSet, Receiver};
 use crate::identity::tls::Credentials;
 use crate::identity::SpiffeId;
 use crate::ops::metrics::Metrics;
@@ -46,6 +46,8 @@ pub struct Settings {
     pub max_conns: usize,
     pub ejection: EjectionPolicy,
     pub policy: WatchPolicy,
+    /// Instances a control plane pushes (xDS), for `Discovery::ControlPlane`.
+    pub instances: Option<Receiver<Instances>>,
 }
 
 /// The upstream listeners.
@@ -186,6 +188,22 @@ impl UpstreamSet {
         balancer: &Arc<Balancer>,
     ) -> CancellationToken {
         let token = self.shutdown.halt.child_token();
+        if u.discovery == Discovery::ControlPlane {
+            match &self.settings.instances {
+                Some(rx) => {
+                    self.shutdown.control.spawn(follow_instances(
+                        rx.clone(),
+                        u.name.clone(),
+                        balancer.clone(),
+                        token.clone(),
+                    ));
+                }
+                None => {
+                    tracing::error!(upstream = %u.name, "no control plane to take instances from")
+                }
+            }
+            return token;
+        }
         let target = SpiffeId {
             service: u.name.clone(),
             ..me.clone()
@@ -209,6 +227,7 @@ impl UpstreamSet {
                 datacenter: datacenter.clone(),
                 every: QUERY_REFRESH,
             },
+            Discovery::ControlPlane => return token,
         };
         match &self.settings.client {
             Some(client) => {
@@ -325,6 +344,34 @@ impl UpstreamSet {
                 instances: h.balancer.states(),
             })
             .collect()
+    }
+}
+
+/// Keeps `balancer` at upstream `name`'s instances in each snapshot a
+/// control plane pushes, until `stop`. Only new connections see a change.
+async fn follow_instances(
+    mut rx: Receiver<Instances>,
+    name: String,
+    balancer: Arc<Balancer>,
+    stop: CancellationToken,
+) {
+    let mut current = None;
+    let mut next = rx.latest();
+    loop {
+        if let Some(all) = next {
+            let mine = all.get(&name).cloned().unwrap_or_default();
+            if current.as_ref() != Some(&mine) {
+                balancer.set_instances(mine.clone());
+                current = Some(mine);
+            }
+        }
+        next = tokio::select! {
+            n = rx.changed() => match n {
+                Some(n) => Some(n),
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
     }
 }
 

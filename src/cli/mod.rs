@@ -36,6 +36,7 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 
+pub mod envoy;
 mod goflags;
 mod values;
 

@@ -24,6 +24,7 @@ pub use crate::proxy::Timeouts;
 
 mod addr;
 pub mod agent;
+mod control_plane;
 
 use addr::{check_host_port, parse_addr, parse_listen, resolve};
 
@@ -107,6 +108,9 @@ pub enum AuthzSource {
         /// watch intentions.
         recheck_every: Duration,
     },
+    /// RBAC pushed by a control plane (xDS); open connections a new policy
+    /// denies are closed.
+    ControlPlane,
 }
 
 /// How an upstream's instances are found.
@@ -118,6 +122,8 @@ pub enum Discovery {
     Service { datacenter: Option<String> },
     /// A prepared query executed through the agent.
     Query { datacenter: Option<String> },
+    /// Pushed by a control plane (xDS endpoints), SNI included.
+    ControlPlane,
 }
 
 /// One upstream listener.
@@ -150,6 +156,8 @@ pub enum CertSource {
     Files(Arc<Credentials>),
     /// Watched from the agent; nothing accepts mTLS until they arrive.
     Agent,
+    /// Pushed by a control plane (xDS); nothing accepts mTLS until they arrive.
+    ControlPlane,
 }
 
 /// Everything the proxy needs to run.

@@ -116,6 +116,10 @@ pub struct Credentials {
     /// [`crate::identity::tickets`]). Nested so a lookup allocates no key. std lock: a
     /// lookup.
     clients: Mutex<HashMap<String, HashMap<SocketAddr, Arc<ClientConfig>>>>,
+    /// Per upstream, the exact SPIFFE URIs a server may present instead of
+    /// "that upstream's name in our trust domain" (xDS: the cluster's SAN
+    /// matcher). Empty in flag and agent mode.
+    expected: HashMap<String, Vec<String>>,
 }
 
 /// Instances per upstream whose client config (and tickets) is kept. Past
@@ -229,7 +233,16 @@ impl Credentials {
             provider,
             server,
             clients: Mutex::new(HashMap::new()),
+            expected: HashMap::new(),
         })
+    }
+
+    /// These credentials with, per upstream name, the exact SPIFFE URIs its
+    /// servers may present (any one of them), replacing the default check
+    /// (the upstream's name in our trust domain) for those upstreams only.
+    pub fn with_expected_identities(mut self, expected: HashMap<String, Vec<String>>) -> Self {
+        self.expected = expected;
+        self
     }
 
     /// Our trust domain, taken from our own leaf.
@@ -259,9 +272,12 @@ impl Credentials {
         if let Some(c) = clients.get(upstream).and_then(|i| i.get(&instance)) {
             return Ok(c.clone());
         }
-        let expected = SpiffeId {
-            service: upstream.to_string(),
-            ..self.identity.id.clone()
+        let expected = match self.expected.get(upstream) {
+            Some(uris) => Expected::Exact(uris.clone()),
+            None => Expected::Service(SpiffeId {
+                service: upstream.to_string(),
+                ..self.identity.id.clone()
+            }),
         };
         let config = client_config(&self.provider, &self.roots, &self.certified, expected)?;
         let instances = clients.entry(upstream.to_string()).or_default();
@@ -275,7 +291,7 @@ impl Credentials {
     }
 }
 
-fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(super) fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
@@ -294,7 +310,7 @@ fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, Tl
 static VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
+pub(super) fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
     VERSIONS
 }
 
@@ -329,7 +345,7 @@ fn client_config(
     provider: &Arc<CryptoProvider>,
     roots: &Arc<RootCertStore>,
     key: &Arc<CertifiedKey>,
-    expected: SpiffeId,
+    expected: Expected,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(MeshServerVerifier {
         roots: roots.clone(),
@@ -387,7 +403,9 @@ pub const MAX_INTERMEDIATES: usize = 4;
 #[error("certificate chain has {0} intermediates; at most {MAX_INTERMEDIATES} are accepted")]
 pub struct ChainTooLong(usize);
 
-fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+pub(super) fn check_chain_length(
+    intermediates: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
     if intermediates.len() > MAX_INTERMEDIATES {
         return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             OtherError(Arc::new(ChainTooLong(intermediates.len()))),
@@ -467,7 +485,17 @@ impl ClientCertVerifier for MeshClientVerifier {
 struct MeshServerVerifier {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
-    expected: SpiffeId,
+    expected: Expected,
+}
+
+/// Who the server must be.
+#[derive(Debug)]
+enum Expected {
+    /// This service (trust domain, partition, namespace, name; any
+    /// datacenter).
+    Service(SpiffeId),
+    /// Exactly one of these URIs (a control plane's SAN matcher).
+    Exact(Vec<String>),
 }
 
 /// Why a server's identity was refused; carried inside the rustls error so the
@@ -498,19 +526,26 @@ impl ServerCertVerifier for MeshServerVerifier {
             self.algs.all,
         )?;
         let peer = peer_identity(end_entity).map_err(identity_error)?;
-        let want = &self.expected;
-        let ok = peer
-            .id
-            .trust_domain
-            .eq_ignore_ascii_case(&want.trust_domain)
-            && peer.id.partition.eq_ignore_ascii_case(&want.partition)
-            && peer.id.namespace.eq_ignore_ascii_case(&want.namespace)
-            && peer.id.service.eq_ignore_ascii_case(&want.service);
+        let (ok, expected) = match &self.expected {
+            Expected::Service(want) => (
+                peer.id
+                    .trust_domain
+                    .eq_ignore_ascii_case(&want.trust_domain)
+                    && peer.id.partition.eq_ignore_ascii_case(&want.partition)
+                    && peer.id.namespace.eq_ignore_ascii_case(&want.namespace)
+                    && peer.id.service.eq_ignore_ascii_case(&want.service),
+                want.service.clone(),
+            ),
+            Expected::Exact(uris) => {
+                let found = peer.id.to_string();
+                (uris.contains(&found), uris.join(" or "))
+            }
+        };
         if !ok {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(WrongServerIdentity {
                     found: peer.id.to_string(),
-                    expected: want.service.clone(),
+                    expected,
                 })),
             )));
         }

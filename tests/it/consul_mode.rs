@@ -94,21 +94,6 @@ async fn wait_instances(ferry: &Ferry, upstream: &str, want: &[SocketAddr]) {
     .await;
 }
 
-/// Polls the async `check` every 10 ms until it is true; panics after DEADLINE.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !check().await {
-        if Instant::now() > deadline {
-            panic!("timed out after {DEADLINE:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The first GET on `path`, among those after the first `after`, that
 /// carries `index` (a blocking query: the watcher is up and waiting).
 async fn wait_for_blocking_call(agent: &FakeAgent, path: &str, after: usize) -> Call {

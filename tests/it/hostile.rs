@@ -233,7 +233,7 @@ async fn await_close(held: Vec<TcpStream>, deadline: Instant) -> Endings {
 /// 21, a 0x03xx version, length 2).
 fn is_alerts(bytes: &[u8]) -> bool {
     !bytes.is_empty()
-        && bytes.len() % 7 == 0
+        && bytes.len().is_multiple_of(7)
         && bytes
             .chunks(7)
             .all(|r| r[0] == 0x15 && r[1] == 0x03 && r[3..5] == [0, 2])

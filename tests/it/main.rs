@@ -46,3 +46,6 @@ mod hostile;
 mod admission;
 // The soak (ignored; make soak): long runs, leaks, limits.
 mod soak;
+// xDS mode (`ferry envoy`) against a Delta ADS server in Consul's manner.
+#[cfg(feature = "xds")]
+mod xds;

@@ -27,7 +27,16 @@ const EXPECTED: &[(&str, &[&str])] = &[
         "calculator-bridge.nomad.hcl",
         &["add-svc", "sub-svc", "frontend"],
     ),
+    (
+        "calculator-xds.nomad.hcl",
+        &["add-svc", "sub-svc", "frontend"],
+    ),
 ];
+
+/// The values given to `${meta.connect.log_level}` and
+/// `${meta.connect.proxy_concurrency}`: Nomad's node meta defaults.
+const CONNECT_LOG_LEVEL: &str = "info";
+const CONNECT_PROXY_CONCURRENCY: &str = "1";
 
 /// The value given to `${NOMAD_ALLOC_ID}`.
 const ALLOC_ID: &str = "5f2b7c1e-9a4d-4e8b-b0c3-2d6f1a8e9b70";
@@ -280,6 +289,8 @@ impl Interpolation<'_> {
             "NOMAD_GROUP_NAME" => Ok(self.task.group.clone()),
             "NOMAD_SECRETS_DIR" => Ok(self.secrets_dir.display().to_string()),
             "attr.unique.network.ip-address" => Ok(HOST_IP.to_string()),
+            "meta.connect.log_level" => Ok(CONNECT_LOG_LEVEL.to_string()),
+            "meta.connect.proxy_concurrency" => Ok(CONNECT_PROXY_CONCURRENCY.to_string()),
             _ => Err(format!(
                 "${{{name}}}: an interpolation this test does not know; give it a value in Interpolation::value"
             )),
@@ -333,6 +344,9 @@ fn check(task: FerryTask, secrets_dir: &Path) -> Result<Checked, String> {
         .map(|(k, v)| Ok((k.clone(), values.fill(v)?)))
         .collect::<Result<HashMap<_, _>, String>>()?;
     let env = TaskEnv(env);
+    if argv.get(1).map(String::as_str) == Some("envoy") {
+        return check_envoy(task, argv, env, secrets_dir);
+    }
 
     let cli = ferry::cli::parse(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
     if cli.command.is_some() {
@@ -346,6 +360,39 @@ fn check(task: FerryTask, secrets_dir: &Path) -> Result<Checked, String> {
     if !warnings.is_empty() {
         return Err(format!("{argv:?}: warnings {warnings:?}"));
     }
+    Ok(Checked {
+        task,
+        argv,
+        env,
+        cli,
+        config,
+    })
+}
+
+/// `ferry envoy ARGS...` (xDS mode): Envoy's arguments through ferry's
+/// Envoy-compatible parser, the bootstrap where Nomad writes it, ferry's
+/// own flags after `--` through its usual parser. Warnings for the Envoy
+/// flags ferry ignores are expected (Nomad passes them).
+fn check_envoy(
+    task: FerryTask,
+    argv: Vec<String>,
+    env: TaskEnv,
+    secrets_dir: &Path,
+) -> Result<Checked, String> {
+    let envoy = ferry::cli::envoy::EnvoyArgs::parse_from_args(&argv[2..])
+        .map_err(|e| format!("{argv:?}: {e}"))?;
+    if envoy.level().is_none() {
+        return Err(format!("{argv:?}: bad -l"));
+    }
+    if envoy.config_path.as_deref() != Some(&secrets_dir.join("envoy_bootstrap.json")) {
+        return Err(format!(
+            "{argv:?}: -c must name ${{NOMAD_SECRETS_DIR}}/envoy_bootstrap.json"
+        ));
+    }
+    let ferry_argv = std::iter::once("ferry".to_string()).chain(envoy.ferry_args.clone());
+    let cli = ferry::cli::parse(ferry_argv).map_err(|e| format!("{argv:?}: {e}"))?;
+    let config = Config::for_control_plane(&cli.proxy, "from-the-bootstrap")
+        .map_err(|e| format!("{argv:?}: {e}"))?;
     Ok(Checked {
         task,
         argv,
@@ -408,6 +455,14 @@ fn every_ferry_command_line_in_the_jobs_is_accepted() {
     let secrets = secrets_dir();
     for c in check_all_jobs(secrets.path()) {
         let place = &c.task.place;
+        if c.argv.get(1).map(String::as_str) == Some("envoy") {
+            // xDS mode: identity, agent and token come from the bootstrap.
+            assert!(
+                c.task.sidecar_of.is_some(),
+                "{place}: ferry envoy outside a sidecar_task"
+            );
+            continue;
+        }
         if let Some(service) = &c.task.sidecar_of {
             // Nomad's service ID scheme (spec §5.2): ferry must name the
             // registration Nomad actually makes.

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ferry::identity::dev_ca::Leaf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -92,6 +92,8 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
 pub struct TlsEchoServer {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    /// The SNI of every completed handshake, in order.
+    pub snis: Arc<Mutex<Vec<Option<String>>>>,
     task: JoinHandle<()>,
 }
 
@@ -109,21 +111,39 @@ impl TlsEchoServer {
         let config = server_config(pki, leaf);
         let acceptor = TlsAcceptor::from(config);
         let counts = Arc::new(Counts::default());
-        let c = counts.clone();
+        let snis = Arc::new(Mutex::new(Vec::new()));
+        let (c, seen) = (counts.clone(), snis.clone());
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 c.accepted.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
-                let c = c.clone();
+                let (c, seen) = (c.clone(), seen.clone());
                 tokio::spawn(async move {
                     if let Ok(mut tls) = acceptor.accept(s).await {
+                        let sni = tls.get_ref().1.server_name().map(str::to_string);
+                        seen.lock().unwrap().push(sni);
                         echo(&mut tls).await;
                     }
                     c.closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        TlsEchoServer { addr, counts, task }
+        TlsEchoServer {
+            addr,
+            counts,
+            snis,
+            task,
+        }
+    }
+
+    /// How many handshakes completed.
+    pub fn handshakes(&self) -> usize {
+        self.snis.lock().unwrap().len()
+    }
+
+    /// The SNI the first handshake sent.
+    pub fn first_sni(&self) -> Option<String> {
+        self.snis.lock().unwrap().first().cloned().flatten()
     }
 }
 

@@ -27,6 +27,8 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+#[cfg(feature = "xds")]
+pub mod ads;
 pub mod envoy;
 pub mod fake_agent;
 

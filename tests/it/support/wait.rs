@@ -19,6 +19,22 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
     }
 }
 
+/// Waits until the async `check` returns true, polling every 10 ms, or
+/// panics after DEADLINE with `what`.
+pub async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {DEADLINE:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Awaits `fut` for at most DEADLINE.
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, fut)

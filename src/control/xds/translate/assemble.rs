@@ -1,0 +1,316 @@
+//! Joins the checked resources held into one view: listener → cluster
+//! (→ aggregate legs) → endpoints, and the secrets they name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rustls::pki_types::ServerName;
+
+use super::{
+    Certs, ClusterKind, ClusterSpec, EndpointsSpec, ListenerSpec, SecretSpec, UpstreamTls,
+};
+use crate::authz::rbac::RbacChain;
+use crate::config::{BindAddr, Discovery, UpstreamConfig};
+use crate::control::ListenerSet;
+
+/// Every resource held, checked, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    pub listeners: BTreeMap<String, ListenerSpec>,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    pub endpoints: BTreeMap<String, EndpointsSpec>,
+    pub secrets: BTreeMap<String, SecretSpec>,
+}
+
+pub use crate::control::Instances;
+
+/// One complete view of what to serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    pub listeners: ListenerSet,
+    /// Leaf chain, key, roots.
+    pub pem: (String, String, String),
+    pub rbac: Vec<String>,
+    pub instances: Instances,
+    /// Per upstream, the exact server identities to accept.
+    pub expected: HashMap<String, Vec<String>>,
+}
+
+/// The outcome of joining the held resources.
+#[derive(Debug)]
+pub enum Assembly {
+    /// Complete: serve it.
+    Ready(Box<Assembled>, RbacChain),
+    /// A referenced resource has not arrived yet.
+    Warming(String),
+}
+
+impl Held {
+    /// The EDS names the clusters need, and the SDS names listeners and
+    /// clusters refer to.
+    pub fn wanted(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut eds = BTreeSet::new();
+        let mut sds = BTreeSet::new();
+        for (name, c) in &self.clusters {
+            if c.kind == ClusterKind::Eds {
+                eds.insert(name.clone());
+            }
+            if let Some(UpstreamTls {
+                certs: Certs::Sds { leaf, roots },
+                ..
+            }) = &c.tls
+            {
+                sds.insert(leaf.clone());
+                sds.insert(roots.clone());
+            }
+        }
+        for l in self.listeners.values() {
+            if let ListenerSpec::Public {
+                certs: Certs::Sds { leaf, roots },
+                ..
+            } = l
+            {
+                sds.insert(leaf.clone());
+                sds.insert(roots.clone());
+            }
+        }
+        (eds, sds)
+    }
+
+    fn pem(&self, certs: &Certs) -> Result<(String, String, String), String> {
+        match certs {
+            Certs::Inline { chain, key, roots } => Ok((chain.clone(), key.clone(), roots.clone())),
+            Certs::Sds { leaf, roots } => {
+                let (chain, key) = match self.secrets.get(leaf) {
+                    Some(SecretSpec::Leaf { chain, key }) => (chain.clone(), key.clone()),
+                    Some(_) => return Err(format!("secret {leaf} is not a certificate")),
+                    None => return Err(format!("waiting for secret {leaf}")),
+                };
+                match self.secrets.get(roots) {
+                    Some(SecretSpec::Roots(r)) => Ok((chain, key, r.clone())),
+                    Some(_) => Err(format!("secret {roots} is not a validation context")),
+                    None => Err(format!("waiting for secret {roots}")),
+                }
+            }
+        }
+    }
+
+    /// Joins everything held into one view for `service`.
+    pub fn assemble(&self, service: &str) -> Assembly {
+        let mut listen = None;
+        let mut service_addr = String::new();
+        let mut local_connect_timeout = None;
+        let mut max_inbound_conns = None;
+        let mut pem = None;
+        let mut rbac = RbacChain::default();
+        let mut upstreams = Vec::new();
+        let mut instances = Instances::new();
+        let mut expected = HashMap::new();
+        for (name, l) in &self.listeners {
+            match l {
+                ListenerSpec::Public {
+                    addr,
+                    certs,
+                    rbac: r,
+                    cluster,
+                } => {
+                    let Some(c) = self.clusters.get(cluster) else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: waiting for cluster {cluster}"
+                        ));
+                    };
+                    let ClusterKind::Static(app) = &c.kind else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: cluster {cluster} is not a static local app"
+                        ));
+                    };
+                    match self.pem(certs) {
+                        Ok(p) => pem = Some(p),
+                        Err(why) => return Assembly::Warming(format!("listener {name}: {why}")),
+                    }
+                    listen = Some(*addr);
+                    service_addr = app.clone();
+                    local_connect_timeout = c.connect_timeout;
+                    // Consul's `max_inbound_connections`: the local app
+                    // cluster's circuit breaker.
+                    max_inbound_conns = c.max_conns;
+                    rbac = r.clone();
+                }
+                ListenerSpec::Upstream { id, bind, cluster } => {
+                    let Some(c) = self.clusters.get(cluster) else {
+                        return Assembly::Warming(format!(
+                            "listener {name}: waiting for cluster {cluster}"
+                        ));
+                    };
+                    // The legs to try, in order: the cluster itself, or an
+                    // aggregate's clusters; the first priority group of the
+                    // first leg that has usable hosts serves.
+                    let legs: Vec<&String> = match &c.kind {
+                        ClusterKind::Aggregate(legs) => legs.iter().collect(),
+                        _ => vec![cluster],
+                    };
+                    let mut chosen = Vec::new();
+                    let mut sans = Vec::new();
+                    let mut first_tls = None;
+                    for leg in legs {
+                        let Some(lc) = self.clusters.get(leg) else {
+                            return Assembly::Warming(format!(
+                                "cluster {cluster}: waiting for leg {leg}"
+                            ));
+                        };
+                        let Some(tls) = &lc.tls else {
+                            return Assembly::Warming(format!("cluster {leg}: no upstream TLS"));
+                        };
+                        if first_tls.is_none() {
+                            first_tls = Some(tls.clone());
+                        }
+                        let Some(eps) = self.endpoints.get(leg) else {
+                            return Assembly::Warming(format!(
+                                "cluster {leg}: waiting for endpoints"
+                            ));
+                        };
+                        if !chosen.is_empty() {
+                            continue;
+                        }
+                        if let Some(hosts) = eps.0.values().find(|h| !h.is_empty()) {
+                            let sni = ServerName::try_from(tls.sni.clone())
+                                .unwrap_or_else(|_| ServerName::IpAddress(hosts[0].ip().into()));
+                            chosen = hosts.iter().map(|a| (*a, sni.clone())).collect();
+                            sans = tls.sans.clone();
+                        }
+                    }
+                    if pem.is_none() {
+                        if let Some(t) = &first_tls {
+                            match self.pem(&t.certs) {
+                                Ok(p) => pem = Some(p),
+                                Err(why) => {
+                                    return Assembly::Warming(format!("cluster {cluster}: {why}"))
+                                }
+                            }
+                        }
+                    }
+                    if sans.is_empty() {
+                        if let Some(t) = &first_tls {
+                            sans = t.sans.clone();
+                        }
+                    }
+                    instances.insert(id.clone(), chosen);
+                    expected.insert(id.clone(), sans);
+                    upstreams.push(UpstreamConfig {
+                        name: id.clone(),
+                        bind: BindAddr::Tcp(*bind),
+                        discovery: Discovery::ControlPlane,
+                        deadline: c.connect_timeout,
+                        max_conns: c.max_conns,
+                        ejection: c.ejection,
+                    });
+                }
+            }
+        }
+        let Some(pem) = pem else {
+            return Assembly::Warming("no listener or cluster carries certificates yet".into());
+        };
+        let rbac_text = vec![format!("{rbac:?}")];
+        Assembly::Ready(
+            Box::new(Assembled {
+                listeners: ListenerSet {
+                    service: service.to_string(),
+                    listen,
+                    service_addr,
+                    local_connect_timeout,
+                    handshake_timeout: None,
+                    max_inbound_conns,
+                    upstreams,
+                    // Exposed paths are HTTP listeners Consul sends as
+                    // http_connection_manager, which ferry refuses (L4 only).
+                    expose: Vec::new(),
+                    // The bootstrap's Prometheus listener is served by
+                    // `app::xds`; there is no stats listener over xDS.
+                    metrics_bind: None,
+                    stats_bind: None,
+                },
+                pem,
+                rbac: rbac_text,
+                instances,
+                expected,
+            }),
+            rbac,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::LOCAL_APP;
+    use super::*;
+
+    fn inline() -> Certs {
+        Certs::Inline {
+            chain: "chain".into(),
+            key: "key".into(),
+            roots: "roots".into(),
+        }
+    }
+
+    #[test]
+    fn a_view_caps_the_public_listener_by_the_local_app_breaker_and_binds_upstreams_on_tcp() {
+        let mut held = Held::default();
+        held.listeners.insert(
+            "public_listener:127.0.0.1:21000".into(),
+            ListenerSpec::Public {
+                addr: "127.0.0.1:21000".parse().unwrap(),
+                certs: inline(),
+                rbac: RbacChain::default(),
+                cluster: LOCAL_APP.into(),
+            },
+        );
+        held.clusters.insert(
+            LOCAL_APP.into(),
+            ClusterSpec {
+                kind: ClusterKind::Static("127.0.0.1:8080".into()),
+                connect_timeout: None,
+                max_conns: Some(7),
+                ejection: None,
+                tls: None,
+            },
+        );
+        held.listeners.insert(
+            "db:127.0.0.1:9191".into(),
+            ListenerSpec::Upstream {
+                id: "db".into(),
+                bind: "127.0.0.1:9191".parse().unwrap(),
+                cluster: "db.c".into(),
+            },
+        );
+        held.clusters.insert(
+            "db.c".into(),
+            ClusterSpec {
+                kind: ClusterKind::Eds,
+                connect_timeout: None,
+                max_conns: Some(3),
+                ejection: None,
+                tls: Some(UpstreamTls {
+                    sni: "db.default.dc1.internal.example".into(),
+                    sans: vec!["spiffe://example/ns/default/dc/dc1/svc/db".into()],
+                    certs: inline(),
+                }),
+            },
+        );
+        held.endpoints.insert(
+            "db.c".into(),
+            EndpointsSpec(BTreeMap::from([(0, vec!["127.0.0.1:1".parse().unwrap()])])),
+        );
+        let Assembly::Ready(view, _) = held.assemble("web") else {
+            panic!("every reference is held: the view is complete");
+        };
+        let set = &view.listeners;
+        assert_eq!(set.max_inbound_conns, Some(7), "max_inbound_connections");
+        assert_eq!(set.service_addr, "127.0.0.1:8080");
+        let [db] = set.upstreams.as_slice() else {
+            panic!("one upstream: {:?}", set.upstreams);
+        };
+        assert_eq!(db.bind, BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()));
+        assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
+        assert!(set.expose.is_empty(), "no exposed paths over xDS");
+        assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+}

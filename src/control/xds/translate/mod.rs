@@ -1,0 +1,667 @@
+//! Envoy resources → ferry snapshots, as pure functions.
+//!
+//! Two steps. [`listener()`], [`cluster()`], [`endpoints()`] and [`secret()`]
+//! decode and check one resource each: anything outside the L4 subset
+//! Consul emits for `protocol = "tcp"` is an error naming the resource and
+//! field, and the whole response carrying it is refused (NACK). [`Held::assemble`]
+//! then joins the held resources (listener → cluster → endpoints, secrets)
+//! into one [`Assembled`] view; a reference not yet received is
+//! [`Assembly::Warming`] (keep serving the last complete view), never half
+//! a view.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, data_source, socket_address, Address, DataSource, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use rustls::pki_types::ServerName;
+
+use super::{CDS, EDS, LDS, SDS};
+use crate::authz::rbac::RbacChain;
+use crate::proxy::balancer::EjectionPolicy;
+
+mod assemble;
+mod rbac;
+
+pub use assemble::{Assembled, Assembly, Held, Instances};
+use rbac::rbac_filter;
+
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const AGGREGATE: &str = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig";
+
+/// The cluster Consul names for the local app.
+pub const LOCAL_APP: &str = "local_app";
+
+/// Certificates as a listener or cluster gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Certs {
+    /// In the resource itself.
+    Inline {
+        chain: String,
+        key: String,
+        roots: String,
+    },
+    /// By SDS secret names (Consul: `connect-leaf`, `connect-root`).
+    Sds { leaf: String, roots: String },
+}
+
+/// A listener ferry serves.
+#[derive(Debug, Clone)]
+pub enum ListenerSpec {
+    /// The public mTLS listener → the local app.
+    Public {
+        addr: SocketAddr,
+        certs: Certs,
+        rbac: RbacChain,
+        cluster: String,
+    },
+    /// A plaintext upstream listener → a cluster.
+    Upstream {
+        id: String,
+        bind: SocketAddr,
+        cluster: String,
+    },
+}
+
+/// How a cluster's hosts are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// Inline addresses (the local app).
+    Static(String),
+    /// Endpoints by EDS under the cluster's name.
+    Eds,
+    /// Failover legs, in order (an aggregate cluster).
+    Aggregate(Vec<String>),
+}
+
+/// Upstream TLS of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub sni: String,
+    /// Exact SPIFFE URIs the server may present (any one).
+    pub sans: Vec<String>,
+    pub certs: Certs,
+}
+
+/// A checked cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub kind: ClusterKind,
+    pub connect_timeout: Option<Duration>,
+    pub max_conns: Option<usize>,
+    pub ejection: Option<EjectionPolicy>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// A checked load assignment: usable (HEALTHY or UNKNOWN) hosts by
+/// priority, lowest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointsSpec(pub BTreeMap<u32, Vec<SocketAddr>>);
+
+/// A checked SDS secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSpec {
+    Leaf { chain: String, key: String },
+    Roots(String),
+}
+
+/// A resource ferry cannot apply exactly; the text is the NACK reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+fn refuse<T>(what: &str, why: impl std::fmt::Display) -> Result<T, Refused> {
+    Err(Refused(format!("{what}: {why}")))
+}
+
+fn decode<M: Message + Default>(any: &Any, want: &str, what: &str) -> Result<M, Refused> {
+    if any.type_url != want {
+        return refuse(what, format_args!("expected {want}, got {}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).or_else(|e| refuse(what, format_args!("cannot decode: {e}")))
+}
+
+fn duration(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> Option<Duration> {
+    d.as_ref().map(|d| {
+        Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
+    })
+}
+
+fn socket_addr(a: &Option<Address>, what: &str) -> Result<SocketAddr, Refused> {
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(s)) => {
+            let port = match s.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => p,
+                _ => return refuse(what, "named ports are not supported"),
+            };
+            let ip = s
+                .address
+                .parse::<std::net::IpAddr>()
+                .or_else(|_| refuse(what, format_args!("{:?} is not an IP address", s.address)))?;
+            let port = u16::try_from(port).or_else(|_| refuse(what, "port out of range"))?;
+            Ok(SocketAddr::new(ip, port))
+        }
+        Some(address::Address::Pipe(_)) => refuse(what, "unix socket addresses are not supported"),
+        _ => refuse(what, "no socket address"),
+    }
+}
+
+/// Decodes and checks one listener.
+pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
+    let l: Listener = decode(any, LDS, "listener")?;
+    let what = format!("listener {}", l.name);
+    if l.name.starts_with("outbound_listener:") || l.use_original_dst.is_some_and(|b| b.value) {
+        return refuse(&what, "transparent proxy is not supported");
+    }
+    if !l.listener_filters.is_empty() {
+        return refuse(&what, "listener filters are not supported");
+    }
+    if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
+        return refuse(&what, "filter chain selection is not supported");
+    }
+    let addr = socket_addr(&l.address, &what)?;
+    let [chain] = l.filter_chains.as_slice() else {
+        return refuse(
+            &what,
+            format_args!(
+                "{} filter chains (ferry serves exactly one)",
+                l.filter_chains.len()
+            ),
+        );
+    };
+    if chain.filter_chain_match.is_some() {
+        return refuse(&what, "filter_chain_match is not supported");
+    }
+    let mut rbac = Vec::new();
+    let mut cluster = None;
+    for f in &chain.filters {
+        let fwhat = format!("{what} filter {}", f.name);
+        let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
+            return refuse(&fwhat, "no typed_config");
+        };
+        if cluster.is_some() {
+            return refuse(&fwhat, "tcp_proxy must be the last filter");
+        }
+        match tc.type_url.as_str() {
+            RBAC => rbac.push(rbac_filter(&decode(tc, RBAC, &fwhat)?, &fwhat)?),
+            TCP_PROXY => {
+                let t: TcpProxy = decode(tc, TCP_PROXY, &fwhat)?;
+                match t.cluster_specifier {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => cluster = Some(c),
+                    _ => {
+                        return refuse(&fwhat, "weighted clusters (L7 splitting) are not supported")
+                    }
+                }
+            }
+            HCM => {
+                return refuse(
+                    &fwhat,
+                    "HTTP (http_connection_manager) is not supported: ferry is L4 only",
+                )
+            }
+            other => return refuse(&fwhat, format_args!("unknown filter type {other}")),
+        }
+    }
+    let Some(cluster) = cluster else {
+        return refuse(&what, "no tcp_proxy filter");
+    };
+    let spec = match &chain.transport_socket {
+        Some(ts) => {
+            let ctx: DownstreamTlsContext = transport(ts, DOWNSTREAM_TLS, &what)?;
+            if !ctx.require_client_certificate.is_some_and(|b| b.value) {
+                return refuse(&what, "require_client_certificate must be true");
+            }
+            let Some(common) = &ctx.common_tls_context else {
+                return refuse(&what, "no common_tls_context");
+            };
+            let certs = certs(common, &what)?;
+            ListenerSpec::Public {
+                addr,
+                certs,
+                rbac: RbacChain(rbac),
+                cluster,
+            }
+        }
+        None => {
+            if !rbac.is_empty() {
+                return refuse(&what, "RBAC on a plaintext listener is not supported");
+            }
+            ListenerSpec::Upstream {
+                id: upstream_id(&l.name),
+                bind: addr,
+                cluster,
+            }
+        }
+    };
+    Ok((l.name, spec))
+}
+
+/// `db:127.0.0.1:9191` → `db`; a name without an address suffix is kept.
+fn upstream_id(name: &str) -> String {
+    let mut parts = name.rsplitn(3, ':');
+    let (port, ip, rest) = (parts.next(), parts.next(), parts.next());
+    match (port, ip, rest) {
+        (Some(p), Some(ip), Some(rest))
+            if p.parse::<u16>().is_ok() && ip.parse::<std::net::IpAddr>().is_ok() =>
+        {
+            rest.to_string()
+        }
+        _ => name.to_string(),
+    }
+}
+
+fn transport<M: Message + Default>(
+    ts: &TransportSocket,
+    want: &str,
+    what: &str,
+) -> Result<M, Refused> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(tc)) => decode(tc, want, &format!("{what} transport_socket")),
+        None => refuse(what, "transport_socket without typed_config"),
+    }
+}
+
+fn inline(d: &Option<DataSource>, what: &str) -> Result<String, Refused> {
+    match d.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
+        Some(data_source::Specifier::InlineBytes(b)) => {
+            String::from_utf8(b.clone()).or_else(|_| refuse(what, "inline_bytes is not PEM text"))
+        }
+        Some(data_source::Specifier::Filename(_)) => refuse(
+            what,
+            "certificate files are not supported (inline or SDS only)",
+        ),
+        _ => refuse(what, "missing"),
+    }
+}
+
+fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
+    if let Some(p) = &c.tls_params {
+        if !p.cipher_suites.is_empty()
+            || p.tls_minimum_protocol_version != 0
+            || p.tls_maximum_protocol_version != 0
+        {
+            return refuse(
+                what,
+                "tls_params (versions, cipher suites) are not supported",
+            );
+        }
+    }
+    match (
+        &c.tls_certificates[..],
+        &c.tls_certificate_sds_secret_configs[..],
+        &c.validation_context_type,
+    ) {
+        ([cert], [], Some(common_tls_context::ValidationContextType::ValidationContext(v))) => {
+            Ok(Certs::Inline {
+                chain: inline(
+                    &cert.certificate_chain,
+                    &format!("{what} certificate_chain"),
+                )?,
+                key: inline(&cert.private_key, &format!("{what} private_key"))?,
+                roots: inline(&v.trusted_ca, &format!("{what} trusted_ca"))?,
+            })
+        }
+        (
+            [],
+            [leaf],
+            Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(r)),
+        ) => Ok(Certs::Sds {
+            leaf: leaf.name.clone(),
+            roots: r.name.clone(),
+        }),
+        _ => refuse(
+            what,
+            "expected one inline certificate with inline roots, or SDS leaf and roots",
+        ),
+    }
+}
+
+/// Decodes and checks one cluster.
+pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
+    let c: Cluster = decode(any, CDS, "cluster")?;
+    let what = format!("cluster {}", c.name);
+    let kind = match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::ClusterType(t)) => match &t.typed_config {
+            Some(tc) if tc.type_url == AGGREGATE => {
+                let a: AggregateConfig = decode(tc, AGGREGATE, &what)?;
+                if a.clusters.is_empty() {
+                    return refuse(&what, "aggregate cluster without clusters");
+                }
+                ClusterKind::Aggregate(a.clusters)
+            }
+            _ => {
+                return refuse(
+                    &what,
+                    format_args!("cluster type {} is not supported", t.name),
+                )
+            }
+        },
+        Some(cluster::ClusterDiscoveryType::Type(t)) => {
+            match cluster::DiscoveryType::try_from(*t) {
+                Ok(cluster::DiscoveryType::Eds) => ClusterKind::Eds,
+                Ok(cluster::DiscoveryType::Static) => {
+                    let hosts: Vec<_> = c
+                        .load_assignment
+                        .iter()
+                        .flat_map(|la| &la.endpoints)
+                        .flat_map(|e| &e.lb_endpoints)
+                        .collect();
+                    let [host] = hosts.as_slice() else {
+                        return refuse(&what, "a static cluster must have exactly one host");
+                    };
+                    let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &host.host_identifier
+                    else {
+                        return refuse(&what, "no endpoint address");
+                    };
+                    ClusterKind::Static(socket_addr(&e.address, &what)?.to_string())
+                }
+                Ok(other) => {
+                    return refuse(
+                        &what,
+                        format_args!(
+                            "discovery type {} is not supported (EDS, STATIC or aggregate only)",
+                            other.as_str_name()
+                        ),
+                    )
+                }
+                Err(_) => return refuse(&what, "unknown discovery type"),
+            }
+        }
+        None => ClusterKind::Eds,
+    };
+    let max_conns = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.first())
+        .and_then(|t| t.max_connections)
+        .map(|v| v.value as usize);
+    let ejection = c.outlier_detection.as_ref().map(|o| EjectionPolicy {
+        // Envoy's defaults: 5 consecutive failures, 30 s base ejection.
+        after_failures: o.consecutive_5xx.map_or(5, |v| v.value),
+        duration: duration(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+    });
+    let tls = match &c.transport_socket {
+        Some(ts) => {
+            let ctx: UpstreamTlsContext = transport(ts, UPSTREAM_TLS, &what)?;
+            let Some(common) = &ctx.common_tls_context else {
+                return refuse(&what, "no common_tls_context");
+            };
+            let certs = certs(common, &what)?;
+            let sans = match &common.validation_context_type {
+                Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
+                    let mut sans = Vec::new();
+                    // Deprecated in Envoy, but what released Consul sends.
+                    #[allow(deprecated)]
+                    let legacy = &v.match_subject_alt_names;
+                    for m in legacy {
+                        match &m.match_pattern {
+                            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => {
+                                sans.push(s.clone())
+                            }
+                            _ => return refuse(&what, "only exact SAN matchers are supported"),
+                        }
+                    }
+                    for m in &v.match_typed_subject_alt_names {
+                        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+                            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
+                            _ => return refuse(&what, "only exact SAN matchers are supported"),
+                        }
+                    }
+                    sans
+                }
+                _ => Vec::new(),
+            };
+            if sans.is_empty() {
+                return refuse(&what, "upstream TLS without a SAN matcher (ferry always verifies the server's identity)");
+            }
+            if ServerName::try_from(ctx.sni.clone()).is_err() {
+                return refuse(&what, format_args!("sni {:?} is not a DNS name", ctx.sni));
+            }
+            Some(UpstreamTls {
+                sni: ctx.sni,
+                sans,
+                certs,
+            })
+        }
+        None => None,
+    };
+    if tls.is_none() && kind == ClusterKind::Eds {
+        return refuse(
+            &what,
+            "an EDS cluster without upstream TLS is not a mesh upstream",
+        );
+    }
+    Ok((
+        c.name,
+        ClusterSpec {
+            kind,
+            connect_timeout: duration(&c.connect_timeout),
+            max_conns,
+            ejection,
+            tls,
+        },
+    ))
+}
+
+/// Decodes and checks one load assignment.
+pub fn endpoints(any: &Any) -> Result<(String, EndpointsSpec), Refused> {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    let cla: ClusterLoadAssignment = decode(any, EDS, "endpoints")?;
+    let what = format!("endpoints {}", cla.cluster_name);
+    let mut by_priority: BTreeMap<u32, Vec<SocketAddr>> = BTreeMap::new();
+    for group in &cla.endpoints {
+        for e in &group.lb_endpoints {
+            let usable = matches!(
+                HealthStatus::try_from(e.health_status),
+                Ok(HealthStatus::Healthy | HealthStatus::Unknown)
+            );
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return refuse(&what, "named endpoints are not supported");
+            };
+            let addr = socket_addr(&ep.address, &what)?;
+            let hosts = by_priority.entry(group.priority).or_default();
+            if usable {
+                hosts.push(addr);
+            }
+        }
+    }
+    Ok((cla.cluster_name, EndpointsSpec(by_priority)))
+}
+
+/// Decodes and checks one secret.
+pub fn secret(any: &Any) -> Result<(String, SecretSpec), Refused> {
+    let s: Secret = decode(any, SDS, "secret")?;
+    let what = format!("secret {}", s.name);
+    let spec = match &s.r#type {
+        Some(secret::Type::TlsCertificate(c)) => SecretSpec::Leaf {
+            chain: inline(&c.certificate_chain, &format!("{what} certificate_chain"))?,
+            key: inline(&c.private_key, &format!("{what} private_key"))?,
+        },
+        Some(secret::Type::ValidationContext(v)) => {
+            SecretSpec::Roots(inline(&v.trusted_ca, &format!("{what} trusted_ca"))?)
+        }
+        _ => {
+            return refuse(
+                &what,
+                "only TLS certificates and validation contexts are supported",
+            )
+        }
+    };
+    Ok((s.name, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+
+    fn any_of<M: Message + prost::Name>(m: &M) -> Any {
+        Any {
+            type_url: M::type_url(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn addr() -> Option<Address> {
+        Some(Address {
+            address: Some(address::Address::SocketAddress(
+                envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(9191)),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+
+    fn listener_with(name: &str, filter: Any) -> Any {
+        any_of(&Listener {
+            name: name.into(),
+            address: addr(),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "f".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(filter)),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn tcp(cluster: &str) -> Any {
+        any_of(&TcpProxy {
+            stat_prefix: "s".into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_upstream_listener_names_its_cluster() {
+        let (name, spec) = listener(&listener_with("db:127.0.0.1:9191", tcp("db.c"))).unwrap();
+        assert_eq!(name, "db:127.0.0.1:9191");
+        assert!(
+            matches!(spec, ListenerSpec::Upstream { ref id, ref cluster, .. } if id == "db" && cluster == "db.c")
+        );
+    }
+
+    #[test]
+    fn l7_transparent_proxy_and_unknown_filters_are_refused_with_a_reason() {
+        let hcm = Any {
+            type_url: HCM.into(),
+            value: Vec::new(),
+        };
+        let e = listener(&listener_with("web:127.0.0.1:1", hcm)).unwrap_err();
+        assert!(e.0.contains("http_connection_manager"), "{e}");
+        let e = listener(&listener_with(
+            "outbound_listener:127.0.0.1:15001",
+            tcp("x"),
+        ))
+        .unwrap_err();
+        assert!(e.0.contains("transparent proxy"), "{e}");
+        let odd = Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz"
+                .into(),
+            value: Vec::new(),
+        };
+        let e = listener(&listener_with("x:127.0.0.1:1", odd)).unwrap_err();
+        assert!(e.0.contains("unknown filter type"), "{e}");
+        let wrong = Any {
+            type_url: CDS_URL.into(),
+            value: Vec::new(),
+        };
+        assert!(listener(&wrong).unwrap_err().0.contains("expected"));
+    }
+
+    const CDS_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    #[test]
+    fn dns_clusters_and_eds_clusters_without_tls_are_refused() {
+        let dns = any_of(&Cluster {
+            name: "term".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32,
+            )),
+            ..Default::default()
+        });
+        assert!(cluster(&dns).unwrap_err().0.contains("STRICT_DNS"));
+        let plain = any_of(&Cluster {
+            name: "db".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            ..Default::default()
+        });
+        assert!(cluster(&plain)
+            .unwrap_err()
+            .0
+            .contains("without upstream TLS"));
+    }
+
+    #[test]
+    fn only_healthy_or_unknown_hosts_are_used_grouped_by_priority() {
+        use envoy_types::pb::envoy::config::endpoint::v3::{
+            Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        let host = |health| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: addr(),
+                ..Default::default()
+            })),
+            health_status: health,
+            ..Default::default()
+        };
+        let cla = any_of(&ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            endpoints: vec![
+                LocalityLbEndpoints {
+                    lb_endpoints: vec![host(2), host(3)],
+                    ..Default::default()
+                },
+                LocalityLbEndpoints {
+                    priority: 1,
+                    lb_endpoints: vec![host(0), host(1)],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        let (_, e) = endpoints(&cla).unwrap();
+        assert_eq!(e.0[&0].len(), 0, "UNHEALTHY and DRAINING are not used");
+        assert_eq!(e.0[&1].len(), 2, "UNKNOWN and HEALTHY are");
+    }
+
+    #[test]
+    fn upstream_ids_drop_the_address_suffix_only() {
+        assert_eq!(upstream_id("db:127.0.0.1:9191"), "db");
+        assert_eq!(
+            upstream_id("prepared_query:geo:127.0.0.1:9192"),
+            "prepared_query:geo"
+        );
+        assert_eq!(upstream_id("db"), "db");
+        assert_eq!(upstream_id("a:b:c"), "a:b:c");
+    }
+}

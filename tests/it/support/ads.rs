@@ -1,0 +1,895 @@
+//! A small Delta ADS server in Consul's manner, serving resource sets the
+//! tests build in Rust, plus fixtures in the shapes Consul's xDS server
+//! emits for `protocol = "tcp"` (each names the Consul golden file whose
+//! shape it follows).
+//!
+//! Like Consul: only `DeltaAggregatedResources`; the first request of a
+//! type decides wildcard (no names) or named; CDS, EDS, LDS, SDS are
+//! evaluated in that order; a name's version is a hash of its bytes; the
+//! versions a client resumes with (`initial_resource_versions`) are taken
+//! as what it holds. Simplified: a response is not held back until the
+//! previous one is ACKed. Knobs: replace or remove a resource, send a raw
+//! response (garbage, unknown type), stall, restart; every ACK and NACK is
+//! recorded with its nonce and error detail.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, data_source, socket_address, transport_socket, Address, AggregatedConfigSource,
+    ConfigSource, DataSource, SocketAddress, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    self as rbacv3, permission, principal, Permission, Principal,
+};
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, CertificateValidationContext, CommonTlsContext,
+    DownstreamTlsContext, SdsSecretConfig, Secret, TlsCertificate, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use ferry::identity::dev_ca::Leaf;
+use prost::{Message, Name};
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::eventually;
+
+pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+const ORDER: [&str; 4] = [CDS, EDS, LDS, SDS];
+
+/// One ACK or NACK the server received.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub type_url: String,
+    pub nonce: String,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    resources: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    replies: Vec<Reply>,
+    /// Every request with `initial_resource_versions`, per type.
+    resumed: Vec<(String, HashMap<String, String>)>,
+    raw: Vec<DeltaDiscoveryResponse>,
+    stalled: bool,
+    streams: usize,
+    nonce: u64,
+}
+
+/// The server. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct Ads {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    changed: Arc<Notify>,
+    kill: Arc<Mutex<CancellationToken>>,
+}
+
+fn version(any: &Any) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    any.value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+impl Ads {
+    /// Starts on a free port.
+    pub async fn start() -> Ads {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ads");
+        let ads = Ads {
+            addr: listener.local_addr().expect("addr"),
+            inner: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            kill: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        ads.serve(listener);
+        ads
+    }
+
+    /// Starts on a unix socket at `path` (Nomad's bridge-mode
+    /// `alloc/tmp/consul_grpc.sock`); `addr` is then meaningless and
+    /// [`Ads::restart`] is not supported.
+    pub async fn start_unix(path: &std::path::Path) -> Ads {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind unix ads");
+        let ads = Ads {
+            addr: "0.0.0.0:0".parse().expect("addr"),
+            inner: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            kill: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        let kill = ads.kill.lock().unwrap().clone();
+        let svc = AggregatedDiscoveryServiceServer::new(ads.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, kill.cancelled_owned())
+                .await;
+        });
+        ads
+    }
+
+    /// Starts on a free port behind TLS presenting `leaf` (ALPN h2, no
+    /// client certificate): the agent's gRPC TLS port. No restart.
+    pub async fn start_tls(pki: &super::Pki, leaf: &Leaf) -> Ads {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ads");
+        let ads = Ads {
+            addr: listener.local_addr().expect("addr"),
+            inner: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            kill: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        let _ = pki;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                .map(|c| c.expect("cert"))
+                .collect(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key"),
+        )
+        .expect("server cert");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (tx, rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                });
+            }
+        });
+        let svc = AggregatedDiscoveryServiceServer::new(ads.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+        });
+        ads
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let kill = self.kill.lock().unwrap().clone();
+        let svc = AggregatedDiscoveryServiceServer::new(self.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, kill.cancelled_owned())
+                .await;
+        });
+    }
+
+    /// Ends every stream and the listener, then serves again on the same
+    /// port with the same resources (a restarted agent).
+    pub async fn restart(&self) {
+        let old = std::mem::replace(&mut *self.kill.lock().unwrap(), CancellationToken::new());
+        old.cancel();
+        eventually("old streams to end", || {
+            self.inner.lock().unwrap().streams == 0
+        })
+        .await;
+        let mut listener = None;
+        for _ in 0..200 {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        self.serve(listener.expect("rebind the ADS port"));
+    }
+
+    /// Adds or replaces resource `name` of type `type_url`.
+    pub fn set(&self, type_url: &'static str, name: &str, any: Any) {
+        self.inner
+            .lock()
+            .unwrap()
+            .resources
+            .entry(type_url)
+            .or_default()
+            .insert(name.to_string(), any);
+        self.changed.notify_waiters();
+    }
+
+    /// Removes a resource.
+    pub fn remove(&self, type_url: &'static str, name: &str) {
+        if let Some(m) = self.inner.lock().unwrap().resources.get_mut(type_url) {
+            m.remove(name);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Sends `r` as it is on the open streams (its nonce is filled in).
+    pub fn send_raw(&self, r: DeltaDiscoveryResponse) {
+        self.inner.lock().unwrap().raw.push(r);
+        self.changed.notify_waiters();
+    }
+
+    /// Stops (or resumes) sending anything.
+    pub fn stall(&self, on: bool) {
+        self.inner.lock().unwrap().stalled = on;
+        self.changed.notify_waiters();
+    }
+
+    pub fn replies(&self) -> Vec<Reply> {
+        self.inner.lock().unwrap().replies.clone()
+    }
+
+    pub fn resumed(&self) -> Vec<(String, HashMap<String, String>)> {
+        self.inner.lock().unwrap().resumed.clone()
+    }
+
+    pub fn streams(&self) -> usize {
+        self.inner.lock().unwrap().streams
+    }
+
+    /// Waits for a reply matching `f`, returns it.
+    pub async fn reply(&self, what: &str, f: impl Fn(&Reply) -> bool) -> Reply {
+        eventually(what, || self.replies().iter().any(&f)).await;
+        self.replies().into_iter().find(|r| f(r)).unwrap()
+    }
+
+    /// The number of ACKs (no error) of `type_url` so far.
+    pub fn acks(&self, type_url: &str) -> usize {
+        self.replies()
+            .iter()
+            .filter(|r| r.type_url == type_url && r.error.is_none())
+            .count()
+    }
+}
+
+/// A TLS connection the gRPC server can serve on.
+pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// Per-stream, per-type subscription state.
+#[derive(Default)]
+struct Sub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    sent: BTreeMap<String, String>,
+}
+
+impl Ads {
+    /// What to send now on a stream with subscriptions `subs`.
+    fn pending(&self, subs: &mut BTreeMap<String, Sub>) -> Vec<DeltaDiscoveryResponse> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.stalled {
+            return Vec::new();
+        }
+        let mut out: Vec<DeltaDiscoveryResponse> = std::mem::take(&mut inner.raw);
+        for t in ORDER {
+            let Some(sub) = subs.get_mut(t) else { continue };
+            let have = inner.resources.get(t).cloned().unwrap_or_default();
+            let mut r = DeltaDiscoveryResponse {
+                type_url: t.to_string(),
+                ..Default::default()
+            };
+            for (name, any) in &have {
+                if !sub.wildcard && !sub.names.contains(name) {
+                    continue;
+                }
+                let v = version(any);
+                if sub.sent.get(name) != Some(&v) {
+                    sub.sent.insert(name.clone(), v.clone());
+                    r.resources.push(Resource {
+                        name: name.clone(),
+                        version: v,
+                        resource: Some(any.clone()),
+                        ..Default::default()
+                    });
+                }
+            }
+            if sub.wildcard {
+                let gone: Vec<String> = sub
+                    .sent
+                    .keys()
+                    .filter(|n| !have.contains_key(*n))
+                    .cloned()
+                    .collect();
+                for n in gone {
+                    sub.sent.remove(&n);
+                    r.removed_resources.push(n);
+                }
+            }
+            if !r.resources.is_empty() || !r.removed_resources.is_empty() {
+                out.push(r);
+            }
+        }
+        for r in &mut out {
+            inner.nonce += 1;
+            r.nonce = format!("{:08x}", inner.nonce);
+        }
+        out
+    }
+
+    fn request(&self, req: &DeltaDiscoveryRequest, subs: &mut BTreeMap<String, Sub>) {
+        let mut inner = self.inner.lock().unwrap();
+        if !req.response_nonce.is_empty() {
+            inner.replies.push(Reply {
+                type_url: req.type_url.clone(),
+                nonce: req.response_nonce.clone(),
+                error: req.error_detail.as_ref().map(|s| s.message.clone()),
+            });
+            return;
+        }
+        let first = !subs.contains_key(&req.type_url);
+        let sub = subs.entry(req.type_url.clone()).or_default();
+        if first {
+            // Consul: no names = wildcard. Envoy may also say "*".
+            sub.wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
+            if !req.initial_resource_versions.is_empty() {
+                inner
+                    .resumed
+                    .push((req.type_url.clone(), req.initial_resource_versions.clone()));
+            }
+            for (n, v) in &req.initial_resource_versions {
+                sub.sent.insert(n.clone(), v.clone());
+                if !sub.wildcard {
+                    sub.names.insert(n.clone());
+                }
+            }
+        }
+        for n in req.resource_names_subscribe.iter().filter(|n| *n != "*") {
+            sub.names.insert(n.clone());
+            sub.sent.remove(n);
+        }
+        for n in &req.resource_names_unsubscribe {
+            sub.names.remove(n);
+            sub.sent.remove(n);
+        }
+    }
+}
+
+type Out = Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwOut = Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwOut;
+    type DeltaAggregatedResourcesStream = Out;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwOut>, Status> {
+        Err(Status::unknown("not implemented"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Out>, Status> {
+        let mut rx = req.into_inner();
+        let (tx, out) = mpsc::channel(64);
+        let ads = self.clone();
+        let kill = self.kill.lock().unwrap().clone();
+        self.inner.lock().unwrap().streams += 1;
+        tokio::spawn(async move {
+            let mut subs = BTreeMap::new();
+            loop {
+                for r in ads.pending(&mut subs) {
+                    if tx.send(Ok(r)).await.is_err() {
+                        break;
+                    }
+                }
+                let changed = ads.changed.notified();
+                tokio::select! {
+                    m = rx.message() => match m {
+                        Ok(Some(m)) => ads.request(&m, &mut subs),
+                        _ => break,
+                    },
+                    _ = changed => {}
+                    _ = kill.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("agent restarting"))).await;
+                        break;
+                    }
+                }
+            }
+            ads.inner.lock().unwrap().streams -= 1;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+}
+
+// ---- fixtures ------------------------------------------------------------
+
+pub fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn sock(addr: SocketAddr) -> Option<Address> {
+    Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(addr.port() as u32)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn inline(s: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineString(s.to_string())),
+        ..Default::default()
+    })
+}
+
+fn ads_source() -> Option<ConfigSource> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    Some(ConfigSource {
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        resource_api_version: 2, // V3
+        ..Default::default()
+    })
+}
+
+fn dur(d: Duration) -> Option<PbDuration> {
+    Some(PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// How a listener or cluster carries certificates.
+#[derive(Clone)]
+pub enum Tls {
+    /// Inline leaf and roots (released Consul versions).
+    Inline { leaf: Leaf, roots: String },
+    /// By SDS names `connect-leaf` / `connect-root` (newest Consul).
+    Sds,
+}
+
+fn common(tls: &Tls, sans: &[String]) -> CommonTlsContext {
+    #[allow(deprecated)]
+    let validation = |roots: Option<DataSource>| CertificateValidationContext {
+        trusted_ca: roots,
+        match_subject_alt_names: sans
+            .iter()
+            .map(|s| StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(s.clone())),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    match tls {
+        Tls::Inline { leaf, roots } => CommonTlsContext {
+            tls_params: Some(Default::default()),
+            tls_certificates: vec![TlsCertificate {
+                certificate_chain: inline(&leaf.cert_pem),
+                private_key: inline(&leaf.key_pem),
+                ..Default::default()
+            }],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContext(validation(inline(
+                    roots,
+                ))),
+            ),
+            ..Default::default()
+        },
+        Tls::Sds => {
+            assert!(
+                sans.is_empty(),
+                "SAN matchers with SDS roots are not built here"
+            );
+            CommonTlsContext {
+                tls_params: Some(Default::default()),
+                tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                    name: "connect-leaf".into(),
+                    sds_config: ads_source(),
+                }],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        SdsSecretConfig {
+                            name: "connect-root".into(),
+                            sds_config: ads_source(),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn typed(name: &str, a: Any) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(a)),
+    }
+}
+
+fn tcp_proxy(cluster: &str, stat: &str) -> Filter {
+    typed(
+        "envoy.filters.network.tcp_proxy",
+        any(&TcpProxy {
+            stat_prefix: stat.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+/// Intentions as Consul compiles them for L4 (`rbac/default-*.golden`):
+/// `None` = default allow with no deny intentions (a DENY filter without
+/// policies); otherwise the default and the sources whose intention is the
+/// opposite of it.
+#[derive(Clone)]
+pub enum Intentions {
+    /// Default deny; these sources allowed (`rules: {}` when empty).
+    DefaultDeny(Vec<String>),
+    /// Default allow; these sources denied.
+    DefaultAllow(Vec<String>),
+}
+
+/// Consul's principal for a source service in any datacenter.
+pub fn source_principal(trust_domain: &str, svc: &str) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(
+            principal::Authenticated {
+                principal_name: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: format!(
+                            "^spiffe://{}/ns/default/dc/[^/]+/svc/{svc}$",
+                            trust_domain.replace('.', "\\.")
+                        ),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }),
+            },
+        )),
+    }
+}
+
+pub fn rbac(trust_domain: &str, i: &Intentions) -> Filter {
+    let (action, sources) = match i {
+        Intentions::DefaultDeny(s) => (rbacv3::rbac::Action::Allow, s),
+        Intentions::DefaultAllow(s) => (rbacv3::rbac::Action::Deny, s),
+    };
+    let mut policies = HashMap::new();
+    if !sources.is_empty() {
+        policies.insert(
+            "consul-intentions-layer4".to_string(),
+            rbacv3::Policy {
+                permissions: vec![Permission {
+                    rule: Some(permission::Rule::Any(true)),
+                }],
+                principals: sources
+                    .iter()
+                    .map(|s| source_principal(trust_domain, s))
+                    .collect(),
+                ..Default::default()
+            },
+        );
+    }
+    typed(
+        "envoy.filters.network.rbac",
+        any(&RbacFilter {
+            rules: Some(rbacv3::Rbac {
+                action: action as i32,
+                policies,
+                ..Default::default()
+            }),
+            stat_prefix: "connect_authz".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+/// `listeners/defaults.latest.golden`'s public listener: RBAC, then
+/// tcp_proxy to `local_app`, downstream TLS requiring a client cert.
+pub fn public_listener(
+    addr: SocketAddr,
+    tls: &Tls,
+    trust_domain: &str,
+    i: &Intentions,
+) -> (String, Any) {
+    let name = format!("public_listener:{addr}");
+    let l = Listener {
+        name: name.clone(),
+        address: sock(addr),
+        traffic_direction: 1, // INBOUND
+        filter_chains: vec![FilterChain {
+            filters: vec![
+                rbac(trust_domain, i),
+                tcp_proxy("local_app", "public_listener"),
+            ],
+            transport_socket: Some(TransportSocket {
+                name: "tls".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                    &DownstreamTlsContext {
+                        common_tls_context: Some(common(tls, &[])),
+                        require_client_certificate: Some(BoolValue { value: true }),
+                        ..Default::default()
+                    },
+                ))),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name, any(&l))
+}
+
+/// `listeners/defaults.latest.golden`'s upstream listener `db:127.0.0.1:9191`.
+pub fn upstream_listener(id: &str, bind: SocketAddr, cluster: &str) -> (String, Any) {
+    let name = format!("{id}:{bind}");
+    let l = Listener {
+        name: name.clone(),
+        address: sock(bind),
+        traffic_direction: 2, // OUTBOUND
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_proxy(
+                cluster,
+                &format!("upstream.{id}.default.default.dc1"),
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name, any(&l))
+}
+
+/// `clusters/defaults.latest.golden`'s `local_app`: STATIC, one host.
+pub fn local_app(app: SocketAddr) -> Any {
+    any(&Cluster {
+        name: "local_app".into(),
+        connect_timeout: dur(Duration::from_secs(5)),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: "local_app".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![host(app, 0)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Knobs of an upstream cluster.
+#[derive(Clone, Default)]
+pub struct ClusterOpts {
+    pub max_connections: Option<u32>,
+    /// consecutive_5xx, base_ejection_time.
+    pub outlier: Option<(u32, Duration)>,
+}
+
+/// `clusters/defaults.latest.golden`'s upstream cluster: EDS over ADS,
+/// upstream TLS with `sni` and an exact SAN matcher.
+pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &ClusterOpts) -> Any {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::EdsClusterConfig;
+    any(&Cluster {
+        name: name.into(),
+        alt_stat_name: name.into(),
+        connect_timeout: dur(Duration::from_secs(5)),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: ads_source(),
+            ..Default::default()
+        }),
+        circuit_breakers: Some(CircuitBreakers {
+            thresholds: o
+                .max_connections
+                .map(|m| circuit_breakers::Thresholds {
+                    max_connections: Some(UInt32Value { value: m }),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }),
+        outlier_detection: o.outlier.map(|(n, base)| OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: n }),
+            base_ejection_time: dur(base),
+            ..Default::default()
+        }),
+        transport_socket: Some(TransportSocket {
+            name: "tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                &UpstreamTlsContext {
+                    common_tls_context: Some(common(tls, sans)),
+                    sni: sni.into(),
+                    ..Default::default()
+                },
+            ))),
+        }),
+        ..Default::default()
+    })
+}
+
+/// `clusters/connect-proxy-with-chain-and-failover.latest.golden`: an
+/// aggregate cluster over failover legs.
+pub fn aggregate_cluster(name: &str, legs: &[String]) -> Any {
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    any(&Cluster {
+        name: name.into(),
+        connect_timeout: dur(Duration::from_secs(5)),
+        lb_policy: 6, // CLUSTER_PROVIDED
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::ClusterType(
+            cluster::CustomClusterType {
+                name: "envoy.clusters.aggregate".into(),
+                typed_config: Some(any(&ClusterConfig {
+                    clusters: legs.to_vec(),
+                })),
+            },
+        )),
+        ..Default::default()
+    })
+}
+
+fn host(addr: SocketAddr, health: i32) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: sock(addr),
+            ..Default::default()
+        })),
+        health_status: health,
+        load_balancing_weight: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    }
+}
+
+pub const HEALTHY: i32 = 1;
+pub const UNHEALTHY: i32 = 2;
+
+/// `endpoints/defaults.latest.golden` (and, with priorities,
+/// `endpoints/connect-proxy-with-chain-and-failover.latest.golden`): hosts
+/// as (priority, address, health).
+pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
+    let mut groups: BTreeMap<u32, Vec<LbEndpoint>> = BTreeMap::new();
+    for (p, a, h) in hosts {
+        groups.entry(*p).or_default().push(host(*a, *h));
+    }
+    any(&ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        endpoints: groups
+            .into_iter()
+            .map(|(priority, lb_endpoints)| LocalityLbEndpoints {
+                priority,
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// `secrets/*.golden`-style SDS secrets: `connect-leaf`.
+pub fn leaf_secret(leaf: &Leaf) -> Any {
+    any(&Secret {
+        name: "connect-leaf".into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(&leaf.cert_pem),
+            private_key: inline(&leaf.key_pem),
+            ..Default::default()
+        })),
+    })
+}
+
+/// `connect-root`.
+pub fn root_secret(roots: &str) -> Any {
+    any(&Secret {
+        name: "connect-root".into(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(roots),
+                ..Default::default()
+            },
+        )),
+    })
+}
+
+/// A bootstrap in the shape `consul connect envoy -bootstrap` writes, with
+/// the agent at `agent` (TCP), for service `service`.
+pub fn bootstrap(agent: SocketAddr, service: &str, token: &str) -> serde_json::Value {
+    serde_json::json!({
+        "admin": {"access_log_path": "/dev/null",
+                  "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "node": {"cluster": service, "id": format!("{service}-sidecar-proxy"),
+                 "metadata": {"namespace": "default", "partition": "default"}},
+        "layered_runtime": {"layers": [{"name": "base", "static_layer": {"re2.max_program_size.error_level": 1048576}}]},
+        "static_resources": {"clusters": [{
+            "name": "local_agent", "ignore_health_on_host_removal": false, "connect_timeout": "1s",
+            "type": "STATIC", "http2_protocol_options": {},
+            "loadAssignment": {"clusterName": "local_agent", "endpoints": [{"lbEndpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": agent.ip().to_string(), "port_value": agent.port()}}}}]}]}}]},
+        "stats_config": {"stats_tags": [{"regex": "^cluster\\.(?:passthrough~)?((?:([^.]+)~)?(?:[^.]+\\.)?[^.]+\\.[^.]+\\.(?:[^.]+\\.)?[^.]+\\.[^.]+\\.[^.]+\\.consul\\.)", "tag_name": "consul.destination.custom_hash"}],
+                         "use_all_default_tags": true},
+        "dynamic_resources": {
+            "lds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "ads_config": {"api_type": "DELTA_GRPC", "transport_api_version": "V3",
+                "grpc_services": {"initial_metadata": [{"key": "x-consul-token", "value": token}],
+                                  "envoy_grpc": {"cluster_name": "local_agent"}}}}
+    })
+}
