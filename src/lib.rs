@@ -11,9 +11,9 @@
 //!                      │
 //!   control plane      │      snapshot (the seam)          data plane
 //!   control::agent ────┼──►  credentials (leaf + roots) ──► proxy::inbound  (mTLS in)
-//!   (HTTP API today,   │     authorization policy ───────► proxy::inbound
-//!    xDS later, beside │     each upstream's instances ──► proxy::upstream (mTLS out)
-//!    it in control/)   │     the listener set ──► app        │
+//!   (the HTTP API)     │     authorization policy ───────► proxy::inbound
+//!   control::xds ──────┤     each upstream's instances ──► proxy::upstream (mTLS out)
+//!   (Delta ADS, gRPC)  │     the listener set ──► app        │
 //!                      │                                     ▼
 //!                      │               identity (SPIFFE, TLS verifiers) · authz (decisions)
 //!                      │                                     │
@@ -24,7 +24,9 @@
 //! - [`config`]: what the proxy will do; [`config::agent`]: reaching the agent.
 //! - [`app`]: start in named phases, [`Running`], and [`app::Shutdown`].
 //! - [`control`]: the control plane and the snapshot types any source must
-//!   produce; [`control::agent`]: the source built on the agent's HTTP API.
+//!   produce; [`control::agent`]: the source built on the agent's HTTP API;
+//!   `control::xds` (feature `xds`, on by default): the source built on
+//!   Consul's Delta ADS, behind `ferry envoy`.
 //! - [`snapshot`]: the publisher/receiver pair those snapshots travel in.
 //! - [`identity`]: SPIFFE IDs, credentials, verifiers, tickets, the dev CA.
 //! - [`authz`]: intentions and the policy the public listener asks.

@@ -11,9 +11,10 @@
 //! | each upstream's instances | [`Balancer::set_instances`](crate::proxy::balancer::Balancer::set_instances) | that upstream's listener, per connection |
 //! | the listener set | [`Publisher`]`<`[`ListenerSet`]`>` | the supervisor, which binds and stops listeners |
 //!
-//! [`agent`] is the source built on the Consul agent's HTTP API. A second
-//! source (Consul's xDS over gRPC) goes beside it as a sibling module and
-//! produces the same types; nothing under `proxy/` changes for it.
+//! [`agent`] is the source built on the Consul agent's HTTP API; `xds`
+//! (feature `xds`) beside it is the source built on Consul's Delta ADS over
+//! gRPC, and produces the same types: nothing under `proxy/` knows which
+//! one is in use.
 //!
 //! Owns: talking to a control plane and turning its answers into those
 //! snapshots. Must never import: `proxy::inbound`, `proxy::upstream` or
