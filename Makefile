@@ -14,7 +14,7 @@ deps: ## install what tests need on a fresh machine (openssl CLI, Envoy 1.40 in 
 	  apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 	@bash tests/envoy/install.sh >/dev/null
 
-build: ## release build: target/release/ferry
+build: ## release build: target/release/ferry and target/release/ferry-envoy (xDS mode)
 	$(CARGO) build --release
 
 demo: ## run the local mesh demo (dev certs, an app, three ferries, allowed and denied calls)

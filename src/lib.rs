@@ -26,7 +26,8 @@
 //! - [`control`]: the control plane and the snapshot types any source must
 //!   produce; [`control::agent`]: the source built on the agent's HTTP API;
 //!   `control::xds` (feature `xds`, on by default): the source built on
-//!   Consul's Delta ADS, behind `ferry envoy`.
+//!   Consul's Delta ADS, behind `ferry envoy` (the `ferry-envoy` binary,
+//!   so that flag mode's `ferry` links none of it).
 //! - [`snapshot`]: the publisher/receiver pair those snapshots travel in.
 //! - [`identity`]: SPIFFE IDs, credentials, verifiers, tickets, the dev CA.
 //! - [`authz`]: intentions and the policy the public listener asks.

@@ -11,16 +11,12 @@
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use ferry::cli::{self, CertsArgs, Command, ProxyArgs};
+use ferry::cli::{self, CertsArgs, Command, ProxyArgs, EXIT_USAGE};
 use ferry::config::agent::ProcessEnv;
 use ferry::config::Config;
 use ferry::control::agent::WatchPolicy;
-
-/// Bad flags, bad files: the BSD `EX_USAGE` code, as linkerd's proxy uses.
-const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -45,131 +41,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs(level: tracing::level_filters::LevelFilter, json: bool) {
-    let logs = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr);
-    if json {
-        // One JSON object per line, the event's fields at the top level
-        // next to "timestamp", "level", "target" and "message".
-        logs.json().flatten_event(true).with_ansi(false).init();
-    } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
-    }
-}
-
-/// `ferry envoy ARGS...`: Envoy's command line, configured over xDS.
-#[cfg(feature = "xds")]
+/// `ferry envoy ARGS...` becomes `ferry-envoy ARGS...` in this same
+/// process (exec: the PID Nomad signals stays the same). xDS mode is its
+/// own binary so that flag mode maps none of gRPC's and the Envoy API's
+/// code: on this kernel a binary's text is mostly resident whether it runs
+/// or not, and xDS would add about 2 MiB to every flag-mode sidecar.
 fn envoy(args: Vec<std::ffi::OsString>) -> ExitCode {
-    let envoy = match cli::envoy::EnvoyArgs::parse_from_args(args) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
-    let Some(level) = envoy.level() else {
-        eprintln!(
-            "ferry envoy: -l {:?}: expected trace, debug, info, warn, warning, error, critical or off",
-            envoy.log_level
-        );
-        return ExitCode::from(EXIT_USAGE);
-    };
-    let ferry_args =
-        match cli::parse(std::iter::once("ferry".to_string()).chain(envoy.ferry_args.clone())) {
-            Ok(c) => c.proxy,
-            Err(e) => {
-                eprintln!("ferry envoy: ferry flags after --: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        };
-    init_logs(level, ferry_args.log_json);
-    for w in envoy.ignored() {
-        tracing::warn!("{w}");
-    }
-    let Some(path) = &envoy.config_path else {
-        eprintln!("ferry envoy: -c/--config-path is required (the bootstrap file)");
-        return ExitCode::from(EXIT_USAGE);
-    };
-    let boot = match ferry::control::xds::bootstrap::Bootstrap::load(path) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("ferry envoy: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let config = match Config::for_control_plane(&ferry_args, boot.service()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ferry envoy: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let mut builder = match envoy.concurrency {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) if n > 1 => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        _ => runtime_builder(),
-    };
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ferry: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let drain = ferry_args.drain_timeout.0;
-    runtime.block_on(async move {
-        let started = tokio::select! {
-            r = ferry::app::xds::start(boot, config, Default::default()) => r,
-            _ = ferry::ops::signal::shutdown() => {
-                tracing::info!("stopped before serving");
-                return ExitCode::SUCCESS;
-            }
-        };
-        match started {
-            Ok(running) => serve_until_signal(running, drain).await,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        }
+    use std::os::unix::process::CommandExt;
+    // Beside this binary first (a release directory, an image), else PATH.
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(ENVOY_BIN)))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| ENVOY_BIN.into());
+    let err = std::process::Command::new(&program)
+        .arg0(ENVOY_BIN)
+        .args(args)
+        .exec();
+    eprintln!(
+        "ferry envoy: cannot run {}: {err}; xDS mode is the {ENVOY_BIN} binary, built beside ferry by `cargo build --release` (feature `xds`, on by default)",
+        program.display()
+    );
+    // The shell's codes: 127 not found, 126 found but not runnable.
+    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
     })
 }
 
-#[cfg(not(feature = "xds"))]
-fn envoy(_: Vec<std::ffi::OsString>) -> ExitCode {
-    eprintln!("ferry envoy: this ferry was built without the `xds` feature");
-    ExitCode::from(EXIT_USAGE)
-}
-
-/// Runs until a signal, then drains for up to `drain` (a second signal
-/// exits at once).
-async fn serve_until_signal(running: ferry::Running, drain: std::time::Duration) -> ExitCode {
-    ferry::ops::signal::shutdown().await;
-    tracing::info!(drain_timeout = ?drain, "draining: no new connections; open ones may finish");
-    tokio::select! {
-        clean = running.shutdown(drain) => {
-            if clean {
-                tracing::info!("drained cleanly");
-            } else {
-                tracing::warn!("drain timeout reached; closed the remaining connections");
-            }
-            ExitCode::SUCCESS
-        }
-        _ = ferry::ops::signal::shutdown() => {
-            tracing::warn!("second signal: exiting now");
-            ExitCode::SUCCESS
-        }
-    }
-}
+/// The xDS-mode binary `ferry envoy` runs.
+const ENVOY_BIN: &str = "ferry-envoy";
 
 fn proxy(args: ProxyArgs) -> ExitCode {
     let Some(level) = cli::log_level(&args.log_level) else {
@@ -179,7 +81,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     };
-    init_logs(level, args.log_json);
+    ferry::ops::logs::init(level, args.log_json);
     for w in ignored_flags(&args) {
         tracing::warn!("{w}");
     }
@@ -194,31 +96,11 @@ fn proxy(args: ProxyArgs) -> ExitCode {
     for w in warnings {
         tracing::warn!("{w}");
     }
-    let runtime = match runtime_builder().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ferry: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let drain = args.drain_timeout.0;
-    runtime.block_on(async move {
-        // Starting may wait for the agent; a signal meanwhile just ends it.
-        let started = tokio::select! {
-            r = ferry::start(config, WatchPolicy::default()) => r,
-            _ = ferry::ops::signal::shutdown() => {
-                tracing::info!("stopped before serving");
-                return ExitCode::SUCCESS;
-            }
-        };
-        match started {
-            Ok(running) => serve_until_signal(running, drain).await,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    ferry::app::run::serve(
+        ferry::app::run::runtime_builder(),
+        ferry::start(config, WatchPolicy::default()),
+        args.drain_timeout.0,
+    )
 }
 
 /// Flags Consul's proxy has that are accepted for compatibility but do
@@ -273,18 +155,5 @@ fn certs(args: CertsArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    }
-}
-
-/// One thread when ferry may use one CPU (the usual sidecar budget, or a
-/// `taskset`/cgroup limit): a current-thread runtime runs every task where
-/// it was woken, with no hand-off between the accepting thread and a worker.
-/// With more CPUs, a worker per CPU (`TOKIO_WORKER_THREADS` caps it).
-fn runtime_builder() -> tokio::runtime::Builder {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
     }
 }

@@ -36,6 +36,7 @@ mod certs;
 mod expose;
 mod inbound;
 mod ops;
+pub mod run;
 mod shutdown;
 mod status;
 mod upstreams;

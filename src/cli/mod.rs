@@ -381,6 +381,10 @@ pub fn log_level(s: &str) -> Option<LevelFilter> {
     }
 }
 
+/// The exit code for bad flags and bad files: BSD's `EX_USAGE`, as
+/// linkerd's proxy uses.
+pub const EXIT_USAGE: u8 = 64;
+
 /// Parses the process arguments, accepting Go-style flags.
 pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
 where

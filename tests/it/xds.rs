@@ -148,6 +148,30 @@ fn an_unknown_envoy_flag_is_a_usage_error_naming_it() {
     assert!(err.contains("--hot-sauce"), "{err}");
 }
 
+#[test]
+fn ferry_envoy_runs_the_xds_binary_and_says_so_when_it_is_missing() {
+    // Beside ferry (as cargo builds them): the same flag check answers.
+    assert!(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ferry-envoy")).is_file(),
+        "cargo builds ferry-envoy beside ferry"
+    );
+    // A ferry alone in a directory, with nothing on PATH.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alone = dir.path().join("ferry");
+    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &alone).expect("copy ferry");
+    let out = std::process::Command::new(&alone)
+        .args(["envoy", "-c", "/nonexistent.json"])
+        .env("PATH", dir.path().join("empty"))
+        .output()
+        .expect("run ferry");
+    assert_eq!(out.status.code(), Some(127), "not found: the shell's code");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ferry-envoy") && err.contains("xds"),
+        "names the missing binary and the feature: {err}"
+    );
+}
+
 #[tokio::test]
 async fn intentions_as_rbac_allow_deny_and_default_deny() {
     let s = Sidecar::new(Intentions::DefaultDeny(Vec::new())).await;
