@@ -877,6 +877,17 @@ mod tests {
             spec.kind,
             ClusterKind::Static(LocalApp::Unix("/tmp/downstream_proxy.sock".into()))
         );
+        // The same host behind upstream TLS would be a mesh upstream on a
+        // socket: refused.
+        let Ok(mut tls) = Cluster::decode(app.value.as_slice()) else {
+            panic!("decode");
+        };
+        tls.transport_socket = Some(upstream_tls());
+        let e = cluster(&any_of(&tls)).unwrap_err();
+        assert!(
+            e.0.contains("unix socket address refused with upstream TLS"),
+            "{e}"
+        );
         let e = endpoints(&any_of(&ClusterLoadAssignment {
             cluster_name: "db".into(),
             ..la
@@ -886,6 +897,54 @@ mod tests {
             e.0.contains("endpoints db: unix socket address refused"),
             "{e}"
         );
+    }
+
+    /// Upstream TLS as Consul sends it: inline leaf and roots, an exact SAN.
+    fn upstream_tls() -> TransportSocket {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, SubjectAltNameMatcher, TlsCertificate,
+        };
+        use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+        let inline = |s: &str| {
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(s.into())),
+                ..Default::default()
+            })
+        };
+        let ctx = UpstreamTlsContext {
+            sni: "db.default.dc1.internal.example".into(),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificates: vec![TlsCertificate {
+                    certificate_chain: inline("chain"),
+                    private_key: inline("key"),
+                    ..Default::default()
+                }],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContext(
+                        CertificateValidationContext {
+                            trusted_ca: inline("roots"),
+                            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        "spiffe://example/ns/default/dc/dc1/svc/db".into(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: "tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+        }
     }
 
     #[test]
