@@ -5,60 +5,16 @@
 //! files: a stale one is replaced, the mode is set, ferry's own file is
 //! removed when the upstream goes and at shutdown.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
 
 use crate::registration::{
     free_ports, mesh_client, registration_mode, sidecar, until_discovered, with_upstreams,
 };
 use crate::support::fake_agent::{AgentOpts, FakeAgent, Instance};
 use crate::support::*;
-
-/// An echo app on a Unix socket; counts connections.
-fn unix_echo(path: &Path) -> (tokio::task::JoinHandle<()>, std::sync::Arc<Counts>) {
-    let listener = UnixListener::bind(path).expect("bind app socket");
-    let counts = std::sync::Arc::new(Counts::default());
-    let c = counts.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            c.accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (task, counts)
-}
-
-async fn echo_unix(path: &Path, msg: &[u8]) {
-    let mut s = UnixStream::connect(path).await.expect("connect socket");
-    let got = round_trip(&mut s, msg).await.expect("round trip");
-    assert_eq!(got, msg, "echo through {}", path.display());
-}
-
-fn is_socket(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).expect("meta").permissions().mode() & 0o777
-}
 
 fn socket_upstream(name: &str, path: &Path, mode: &str) -> serde_json::Value {
     json!({ "DestinationName": name, "LocalBindSocketPath": path, "LocalBindSocketMode": mode })
@@ -102,7 +58,7 @@ async fn registration_sockets_both_sides_with_mode_stale_file_and_cleanup() {
         is_socket(&db_sock),
         "the stale file was replaced by a socket"
     );
-    assert_eq!(mode(&db_sock), 0o600, "LocalBindSocketMode");
+    assert_eq!(socket_mode(&db_sock), 0o600, "LocalBindSocketMode");
     until_discovered(&ferry, "db", db.addr).await;
     echo_unix(&db_sock, b"app to db over a socket").await;
     assert_eq!(db.counts.accepted(), 1);

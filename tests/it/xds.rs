@@ -2,7 +2,7 @@
 //! (support/ads.rs), with real sockets and real TLS. In order: the default
 //! sidecar through the binary, intentions as RBAC, upstreams over EDS with
 //! TLS, certificate rotation, refusals and stream faults, failover and
-//! limits.
+//! limits, Unix sockets for upstream listeners and the local app.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,8 +18,9 @@ use tokio::net::TcpStream;
 
 use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS, SDS};
 use crate::support::{
-    assert_echo, dead_addr, echo_once, eventually, mesh_conn, mesh_echo, plain_echo, refused,
-    until, within, EchoServer, FerryProcess, MeshConn, Pki, TlsEchoServer,
+    assert_echo, dead_addr, echo_once, echo_unix, eventually, is_socket, mesh_conn, mesh_echo,
+    plain_echo, refused, socket_mode, unix_echo, until, within, EchoServer, FerryProcess, MeshConn,
+    Pki, TlsEchoServer,
 };
 
 /// A sidecar for `web` fed by an ADS server, plus the pieces to change it.
@@ -880,4 +881,182 @@ async fn the_agent_over_tls_is_verified_by_its_ca_only() {
         "an agent whose certificate does not chain to the bootstrap's CA is never used"
     );
     assert!(ads2.replies().is_empty());
+}
+
+/// A socket path in the sidecar's tempdir.
+fn socket_path(s: &Sidecar, name: &str) -> PathBuf {
+    s._dir.path().join(name)
+}
+
+#[tokio::test]
+async fn an_upstream_listener_moved_to_a_unix_socket_rebinds_with_its_mode_and_reaches_the_mtls_upstream(
+) {
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let db = TlsEchoServer::start(&s.pki, &s.pki.leaf("db")).await;
+    let bind = add_db(
+        &s,
+        "db",
+        "db",
+        &ClusterOpts::default(),
+        &[(0, db.addr, ads::HEALTHY)],
+    )
+    .await;
+    let ferry = s.start().await;
+    assert_echo(bind, b"to db over TCP first").await;
+
+    // A stale socket where db will listen: bound, its listener gone.
+    let sock = socket_path(&s, "db.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("stale socket"));
+    // Consul's `local_bind_socket_mode = "0640"`: a new listener named
+    // `db:<path>` replaces `db:<ip>:<port>`.
+    s.ads.remove(LDS, &format!("db:{bind}"));
+    let (name, l) = ads::upstream_listener_on_pipe("db", &sock, 0o640, DB_CLUSTER);
+    s.ads.set(LDS, &name, l);
+    eventually("db to listen on its socket", || {
+        ferry.upstream_socket("db").as_deref() == Some(sock.as_path())
+    })
+    .await;
+    assert!(is_socket(&sock), "the stale socket was replaced");
+    assert_eq!(socket_mode(&sock), 0o640, "the pipe's mode");
+    let before = db.handshakes();
+    echo_unix(&sock, b"app to db over a socket").await;
+    assert_eq!(db.handshakes(), before + 1, "over mTLS to db");
+    assert!(refused(&plain_echo(bind).await), "the TCP listener is gone");
+
+    // The listener removed: its socket file goes with it.
+    s.ads.remove(LDS, &name);
+    eventually("the socket file to be removed", || !sock.exists()).await;
+    assert_eq!(ferry.upstream_socket("db"), None);
+}
+
+#[tokio::test]
+async fn a_local_app_on_a_unix_socket_is_reached_through_the_public_listener() {
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let app_sock = socket_path(&s, "web.sock");
+    let (_app, counts) = unix_echo(&app_sock);
+    s.ads
+        .set(CDS, "local_app", ads::local_app_on_pipe(&app_sock));
+    let ferry = s.start().await;
+    let mut c = mesh_conn(ferry.inbound.expect("public"), &s.pki.leaf("api")).await;
+    echo_once(&mut c, b"mesh client to the app's socket").await;
+    assert_eq!(counts.accepted(), 1);
+    assert!(s.ads.replies().iter().all(|r| r.error.is_none()));
+}
+
+#[tokio::test]
+async fn a_pipe_where_no_socket_can_serve_is_nacked_with_the_reason_and_the_last_good_state_serves()
+{
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let db = TlsEchoServer::start(&s.pki, &s.pki.leaf("db")).await;
+    let bind = add_db(
+        &s,
+        "db",
+        "db",
+        &ClusterOpts::default(),
+        &[(0, db.addr, ads::HEALTHY)],
+    )
+    .await;
+    let ferry = s.start().await;
+    let addr = ferry.inbound.expect("public");
+    let api = s.pki.leaf("api");
+    assert_echo(bind, b"before").await;
+
+    // An upstream instance on a socket path: instances are other hosts.
+    s.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla_on_pipe(DB_CLUSTER, &socket_path(&s, "db-instance.sock")),
+    );
+    let nack = s
+        .ads
+        .reply("a NACK of the pipe endpoint", |r| {
+            r.type_url == EDS && r.error.is_some()
+        })
+        .await;
+    let why = nack.error.unwrap_or_default();
+    assert!(
+        why.contains(&format!("endpoints {DB_CLUSTER}"))
+            && why.contains("unix socket address refused: upstream instances"),
+        "{why}"
+    );
+    assert_echo(bind, b"still to the last good instance").await;
+
+    // The public listener on a socket path: mesh clients dial IP and port.
+    let (name, l) = ads::public_listener(
+        s.public,
+        &s.inline(&s.web),
+        s.pki.trust_domain(),
+        &Intentions::DefaultAllow(Vec::new()),
+    );
+    let sock = socket_path(&s, "public.sock");
+    s.ads
+        .set(LDS, &name, ads::readdress(&l, ads::pipe(&sock, 0)));
+    let nack = s
+        .ads
+        .reply("a NACK of the pipe public listener", |r| {
+            r.type_url == LDS && r.error.is_some()
+        })
+        .await;
+    let why = nack.error.unwrap_or_default();
+    assert!(
+        why.contains("unix socket address refused: the public listener"),
+        "{why}"
+    );
+    assert!(!sock.exists(), "nothing bound there");
+    assert!(!refused(&mesh_echo(addr, &api).await), "still serving");
+    assert_echo(bind, b"and the upstream too").await;
+}
+
+/// The pipe fixtures are shapes Envoy takes: it ACKs them, binds the
+/// upstream's socket with the same mode and dials the app's socket.
+#[tokio::test]
+async fn envoy_serves_the_same_pipe_shapes() {
+    let e = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let app_sock = socket_path(&e, "web.sock");
+    let (_app, counts) = unix_echo(&app_sock);
+    e.ads
+        .set(CDS, "local_app", ads::local_app_on_pipe(&app_sock));
+    let db = TlsEchoServer::start(&e.pki, &e.pki.leaf("db")).await;
+    e.ads.set(
+        CDS,
+        DB_CLUSTER,
+        ads::eds_cluster(
+            DB_CLUSTER,
+            &e.sni("db"),
+            &[e.uri("db")],
+            &e.inline(&e.web),
+            &ClusterOpts::default(),
+        ),
+    );
+    e.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, db.addr, ads::HEALTHY)]),
+    );
+    let sock = socket_path(&e, "db.sock");
+    let (name, l) = ads::upstream_listener_on_pipe("db", &sock, 0o640, DB_CLUSTER);
+    e.ads.set(LDS, &name, l);
+    let _envoy = XdsEnvoy::start(&e.ads, "web");
+    eventually("Envoy to bind the upstream's socket", || is_socket(&sock)).await;
+    assert_eq!(socket_mode(&sock), 0o640, "Envoy applies the mode too");
+    until("Envoy to carry bytes from the socket to db", || async {
+        let Ok(mut c) = tokio::net::UnixStream::connect(&sock).await else {
+            return false;
+        };
+        crate::support::round_trip(&mut c, b"via Envoy")
+            .await
+            .is_ok_and(|got| got == b"via Envoy")
+    })
+    .await;
+    let api = e.pki.leaf("api");
+    until("Envoy to reach the app's socket", || async {
+        !refused(&mesh_echo(e.public, &api).await)
+    })
+    .await;
+    assert!(counts.accepted() >= 1);
+    assert!(
+        e.ads.replies().iter().all(|r| r.error.is_none()),
+        "Envoy accepted every resource: {:?}",
+        e.ads.replies()
+    );
 }

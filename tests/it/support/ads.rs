@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, transport_socket, Address, AggregatedConfigSource,
-    ConfigSource, DataSource, SocketAddress, TransportSocket,
+    ConfigSource, DataSource, Pipe, SocketAddress, TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -490,6 +491,26 @@ fn sock(addr: SocketAddr) -> Option<Address> {
     })
 }
 
+/// A `pipe` address as Consul builds it: the socket path, and the mode
+/// `local_bind_socket_mode` parsed from its octal string (`"0640"` → 416;
+/// 0 for none, and always 0 for `local_service_socket_path`).
+pub fn pipe(path: &Path, mode: u32) -> Option<Address> {
+    Some(Address {
+        address: Some(address::Address::Pipe(Pipe {
+            path: path.display().to_string(),
+            mode,
+        })),
+    })
+}
+
+/// `listener` (any listener fixture) with its address replaced: shapes
+/// Consul does not emit, to check what ferry refuses.
+pub fn readdress(listener: &Any, address: Option<Address>) -> Any {
+    let mut l = Listener::decode(listener.value.as_slice()).expect("a listener");
+    l.address = address;
+    any(&l)
+}
+
 fn inline(s: &str) -> Option<DataSource> {
     Some(DataSource {
         specifier: Some(data_source::Specifier::InlineString(s.to_string())),
@@ -714,8 +735,40 @@ pub fn upstream_listener(id: &str, bind: SocketAddr, cluster: &str) -> (String, 
     (name, any(&l))
 }
 
+/// `listeners/listener-unix-domain-socket.latest.golden`: upstream `db`
+/// with `local_bind_socket_path` listens on a `pipe` (path and numeric
+/// mode) and is named `<id>:<path>`.
+pub fn upstream_listener_on_pipe(id: &str, path: &Path, mode: u32, cluster: &str) -> (String, Any) {
+    let name = format!("{id}:{}", path.display());
+    let l = Listener {
+        name: name.clone(),
+        address: pipe(path, mode),
+        traffic_direction: 2, // OUTBOUND
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_proxy(
+                cluster,
+                &format!("upstream.{id}.default.default.dc1"),
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name, any(&l))
+}
+
 /// `clusters/defaults.latest.golden`'s `local_app`: STATIC, one host.
 pub fn local_app(app: SocketAddr) -> Any {
+    static_local_app(sock(app))
+}
+
+/// `clusters/downstream-service-with-unix-sockets.latest.golden`'s
+/// `local_app` for a service with `local_service_socket_path`: the one
+/// host is a `pipe` with the path only.
+pub fn local_app_on_pipe(path: &Path) -> Any {
+    static_local_app(pipe(path, 0))
+}
+
+fn static_local_app(address: Option<Address>) -> Any {
     any(&Cluster {
         name: "local_app".into(),
         connect_timeout: dur(Duration::from_secs(5)),
@@ -725,7 +778,13 @@ pub fn local_app(app: SocketAddr) -> Any {
         load_assignment: Some(ClusterLoadAssignment {
             cluster_name: "local_app".into(),
             endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints: vec![host(app, 0)],
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }],
             ..Default::default()
@@ -808,9 +867,13 @@ pub fn aggregate_cluster(name: &str, legs: &[String]) -> Any {
 }
 
 fn host(addr: SocketAddr, health: i32) -> LbEndpoint {
+    host_at(sock(addr), health)
+}
+
+fn host_at(address: Option<Address>, health: i32) -> LbEndpoint {
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-            address: sock(addr),
+            address,
             ..Default::default()
         })),
         health_status: health,
@@ -840,6 +903,19 @@ pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
+    })
+}
+
+/// One healthy host on a `pipe`: not a shape Consul emits (catalog
+/// instances have IP addresses), to check that ferry refuses it.
+pub fn cla_on_pipe(cluster: &str, path: &Path) -> Any {
+    any(&ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![host_at(pipe(path, 0), HEALTHY)],
+            ..Default::default()
+        }],
         ..Default::default()
     })
 }

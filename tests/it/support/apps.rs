@@ -1,5 +1,6 @@
-//! Local apps and upstream instances without a ferry: plain and mTLS echo
-//! servers that count the connections they accept and close.
+//! Local apps and upstream instances without a ferry: plain (TCP or Unix
+//! socket) and mTLS echo servers that count the connections they accept
+//! and close.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +71,25 @@ impl Drop for EchoServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An echo app on a Unix socket at `path` (the local app of a service
+/// registered with a socket path); counts connections.
+pub fn unix_echo(path: &std::path::Path) -> (JoinHandle<()>, Arc<Counts>) {
+    let listener = tokio::net::UnixListener::bind(path).expect("bind app socket");
+    let counts = Arc::new(Counts::default());
+    let c = counts.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                echo(&mut s).await;
+                c.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (task, counts)
 }
 
 async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {

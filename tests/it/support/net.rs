@@ -1,6 +1,7 @@
 //! Bytes on sockets: round trips and echoes with a deadline, orderly ends,
-//! resets, loopback addresses and ones where nothing listens, and the HTTP
-//! client for the admin listener and the fake agent.
+//! resets, loopback addresses and ones where nothing listens, Unix socket
+//! files and their mode, and the HTTP client for the admin listener and the
+//! fake agent.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -39,6 +40,28 @@ pub async fn assert_echo(addr: SocketAddr, msg: &[u8]) {
     let got = round_trip(&mut s, msg).await.expect("round trip");
     assert_eq!(got.len(), msg.len(), "echoed length through {addr}");
     assert!(got == msg, "echoed bytes differ through {addr}");
+}
+
+/// Connects to a Unix socket ferry listens on (an upstream's socket file)
+/// and checks that `msg` comes back intact.
+pub async fn echo_unix(path: &std::path::Path, msg: &[u8]) {
+    let mut s = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect socket");
+    let got = round_trip(&mut s, msg).await.expect("round trip");
+    assert_eq!(got, msg, "echo through {}", path.display());
+}
+
+/// Whether `path` is a socket file (not following a symlink).
+pub fn is_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The permission bits of the file at `path`.
+pub fn socket_mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("meta").permissions().mode() & 0o777
 }
 
 /// An address where nothing listens (connections are refused): bound, then released.

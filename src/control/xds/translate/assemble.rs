@@ -9,7 +9,7 @@ use super::{
     Certs, ClusterKind, ClusterSpec, EndpointsSpec, ListenerSpec, SecretSpec, UpstreamTls,
 };
 use crate::authz::rbac::RbacChain;
-use crate::config::{BindAddr, Discovery, UpstreamConfig};
+use crate::config::{Discovery, UpstreamConfig};
 use crate::control::ListenerSet;
 
 /// Every resource held, checked, by name.
@@ -128,7 +128,8 @@ impl Held {
                         Err(why) => return Assembly::Warming(format!("listener {name}: {why}")),
                     }
                     listen = Some(*addr);
-                    service_addr = app.clone();
+                    // `unix:/path` for a socket, as registration mode spells it.
+                    service_addr = app.to_string();
                     local_connect_timeout = c.connect_timeout;
                     // Consul's `max_inbound_connections`: the local app
                     // cluster's circuit breaker.
@@ -197,7 +198,7 @@ impl Held {
                     expected.insert(id.clone(), sans);
                     upstreams.push(UpstreamConfig {
                         name: id.clone(),
-                        bind: BindAddr::Tcp(*bind),
+                        bind: bind.clone(),
                         discovery: Discovery::ControlPlane,
                         deadline: c.connect_timeout,
                         max_conns: c.max_conns,
@@ -242,6 +243,8 @@ impl Held {
 mod tests {
     use super::super::LOCAL_APP;
     use super::*;
+    use crate::config::{BindAddr, UnixBind};
+    use crate::proxy::net::LocalApp;
 
     fn inline() -> Certs {
         Certs::Inline {
@@ -251,8 +254,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_view_caps_the_public_listener_by_the_local_app_breaker_and_binds_upstreams_on_tcp() {
+    /// A public listener → `local_app` at `app`, and upstream `db` bound
+    /// at `bind` with one instance.
+    fn held(app: LocalApp, bind: BindAddr) -> Held {
         let mut held = Held::default();
         held.listeners.insert(
             "public_listener:127.0.0.1:21000".into(),
@@ -266,7 +270,7 @@ mod tests {
         held.clusters.insert(
             LOCAL_APP.into(),
             ClusterSpec {
-                kind: ClusterKind::Static("127.0.0.1:8080".into()),
+                kind: ClusterKind::Static(app),
                 connect_timeout: None,
                 max_conns: Some(7),
                 ejection: None,
@@ -274,10 +278,10 @@ mod tests {
             },
         );
         held.listeners.insert(
-            "db:127.0.0.1:9191".into(),
+            format!("db:{bind}"),
             ListenerSpec::Upstream {
                 id: "db".into(),
-                bind: "127.0.0.1:9191".parse().unwrap(),
+                bind,
                 cluster: "db.c".into(),
             },
         );
@@ -299,6 +303,13 @@ mod tests {
             "db.c".into(),
             EndpointsSpec(BTreeMap::from([(0, vec!["127.0.0.1:1".parse().unwrap()])])),
         );
+        held
+    }
+
+    #[test]
+    fn a_view_caps_the_public_listener_by_the_local_app_breaker_and_binds_upstreams_on_tcp() {
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        let held = held(LocalApp::Tcp("127.0.0.1:8080".into()), tcp.clone());
         let Assembly::Ready(view, _) = held.assemble("web") else {
             panic!("every reference is held: the view is complete");
         };
@@ -308,9 +319,30 @@ mod tests {
         let [db] = set.upstreams.as_slice() else {
             panic!("one upstream: {:?}", set.upstreams);
         };
-        assert_eq!(db.bind, BindAddr::Tcp("127.0.0.1:9191".parse().unwrap()));
+        assert_eq!(db.bind, tcp);
         assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
         assert!(set.expose.is_empty(), "no exposed paths over xDS");
         assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+
+    #[test]
+    fn a_view_carries_unix_sockets_for_the_local_app_and_an_upstream() {
+        let sock = BindAddr::Unix(UnixBind {
+            path: "/run/db.sock".into(),
+            mode: Some(0o640),
+        });
+        let held = held(LocalApp::Unix("/run/web.sock".into()), sock.clone());
+        let Assembly::Ready(view, _) = held.assemble("web") else {
+            panic!("every reference is held: the view is complete");
+        };
+        let set = &view.listeners;
+        assert_eq!(
+            set.service_addr, "unix:/run/web.sock",
+            "as registration mode spells it"
+        );
+        let [db] = set.upstreams.as_slice() else {
+            panic!("one upstream: {:?}", set.upstreams);
+        };
+        assert_eq!(db.bind, sock, "the socket and its mode");
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    address, data_source, socket_address, Address, DataSource, TransportSocket,
+    address, data_source, socket_address, Address, DataSource, Pipe, TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
@@ -31,7 +31,9 @@ use rustls::pki_types::ServerName;
 
 use super::{CDS, EDS, LDS, SDS};
 use crate::authz::rbac::RbacChain;
+use crate::config::{BindAddr, UnixBind};
 use crate::proxy::balancer::EjectionPolicy;
+use crate::proxy::net::LocalApp;
 
 mod assemble;
 mod rbac;
@@ -75,10 +77,11 @@ pub enum ListenerSpec {
         rbac: RbacChain,
         cluster: String,
     },
-    /// A plaintext upstream listener → a cluster.
+    /// A plaintext upstream listener → a cluster: on TCP, or on a Unix
+    /// socket file (`local_bind_socket_path`, sent as a `pipe`).
     Upstream {
         id: String,
-        bind: SocketAddr,
+        bind: BindAddr,
         cluster: String,
     },
 }
@@ -86,8 +89,9 @@ pub enum ListenerSpec {
 /// How a cluster's hosts are found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterKind {
-    /// Inline addresses (the local app).
-    Static(String),
+    /// One inline host: the local app, on TCP or on a Unix socket
+    /// (`local_service_socket_path`, sent as a `pipe`).
+    Static(LocalApp),
     /// Endpoints by EDS under the cluster's name.
     Eds,
     /// Failover legs, in order (an aggregate cluster).
@@ -147,7 +151,13 @@ fn duration(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> Option<D
     })
 }
 
-fn socket_addr(a: &Option<Address>, what: &str) -> Result<SocketAddr, Refused> {
+/// An Envoy `Address` ferry can use: an IP and port, or a Unix socket.
+enum Addr {
+    Ip(SocketAddr),
+    Pipe(UnixBind),
+}
+
+fn address(a: &Option<Address>, what: &str) -> Result<Addr, Refused> {
     match a.as_ref().and_then(|a| a.address.as_ref()) {
         Some(address::Address::SocketAddress(s)) => {
             let port = match s.port_specifier {
@@ -159,10 +169,58 @@ fn socket_addr(a: &Option<Address>, what: &str) -> Result<SocketAddr, Refused> {
                 .parse::<std::net::IpAddr>()
                 .or_else(|_| refuse(what, format_args!("{:?} is not an IP address", s.address)))?;
             let port = u16::try_from(port).or_else(|_| refuse(what, "port out of range"))?;
-            Ok(SocketAddr::new(ip, port))
+            Ok(Addr::Ip(SocketAddr::new(ip, port)))
         }
-        Some(address::Address::Pipe(_)) => refuse(what, "unix socket addresses are not supported"),
+        Some(address::Address::Pipe(p)) => pipe(p, what).map(Addr::Pipe),
         _ => refuse(what, "no socket address"),
+    }
+}
+
+/// A `pipe` address: what Consul sends for `local_bind_socket_path` (with
+/// `local_bind_socket_mode`, an octal string Consul parses into the
+/// numeric `mode`: `"0640"` arrives as 416) and for
+/// `local_service_socket_path` (no mode). The path must be absolute, as
+/// registration mode requires of the same fields; mode 0 means "leave it
+/// to the umask", as Envoy does.
+fn pipe(p: &Pipe, what: &str) -> Result<UnixBind, Refused> {
+    let path = &p.path;
+    if path.is_empty() {
+        return refuse(what, "pipe address with an empty path");
+    }
+    if path.starts_with('@') {
+        return refuse(
+            what,
+            format_args!("pipe {path:?}: abstract unix sockets are not supported"),
+        );
+    }
+    if !path.starts_with('/') {
+        return refuse(
+            what,
+            format_args!("pipe path {path:?} is not absolute (ferry binds and dials socket files by absolute path only)"),
+        );
+    }
+    let mode = match p.mode {
+        0 => None,
+        m if m <= 0o777 => Some(m),
+        m => {
+            return refuse(
+                what,
+                format_args!("pipe mode {m:#o} is not a file mode (at most 0o777)"),
+            )
+        }
+    };
+    Ok(UnixBind {
+        path: path.into(),
+        mode,
+    })
+}
+
+/// [`address`] where only an IP and port make sense; `why` says why a
+/// Unix socket does not.
+fn ip_addr(a: &Option<Address>, what: &str, why: &str) -> Result<SocketAddr, Refused> {
+    match address(a, what)? {
+        Addr::Ip(a) => Ok(a),
+        Addr::Pipe(_) => refuse(what, format_args!("unix socket address refused: {why}")),
     }
 }
 
@@ -179,7 +237,7 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
     if l.default_filter_chain.is_some() || l.filter_chain_matcher.is_some() {
         return refuse(&what, "filter chain selection is not supported");
     }
-    let addr = socket_addr(&l.address, &what)?;
+    let addr = address(&l.address, &what)?;
     let [chain] = l.filter_chains.as_slice() else {
         return refuse(
             &what,
@@ -235,6 +293,12 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
                 return refuse(&what, "no common_tls_context");
             };
             let certs = certs(common, &what)?;
+            let Addr::Ip(addr) = addr else {
+                return refuse(
+                    &what,
+                    "unix socket address refused: the public listener takes mesh connections from other hosts, which dial an IP and port",
+                );
+            };
             ListenerSpec::Public {
                 addr,
                 certs,
@@ -246,9 +310,13 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
             if !rbac.is_empty() {
                 return refuse(&what, "RBAC on a plaintext listener is not supported");
             }
+            let bind = match addr {
+                Addr::Ip(a) => BindAddr::Tcp(a),
+                Addr::Pipe(u) => BindAddr::Unix(u),
+            };
             ListenerSpec::Upstream {
-                id: upstream_id(&l.name),
-                bind: addr,
+                id: upstream_id(&l.name, &bind),
+                bind,
                 cluster,
             }
         }
@@ -256,8 +324,20 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
     Ok((l.name, spec))
 }
 
-/// `db:127.0.0.1:9191` → `db`; a name without an address suffix is kept.
-fn upstream_id(name: &str) -> String {
+/// `db:127.0.0.1:9191` → `db`, and for a socket (Consul names it
+/// `<id>:<path>`) `db:/run/db.sock` → `db`; a name without the address
+/// suffix is kept.
+fn upstream_id(name: &str, bind: &BindAddr) -> String {
+    if let BindAddr::Unix(u) = bind {
+        return u
+            .path
+            .to_str()
+            .and_then(|p| name.strip_suffix(p))
+            .and_then(|rest| rest.strip_suffix(':'))
+            .filter(|id| !id.is_empty())
+            .unwrap_or(name)
+            .to_string();
+    }
     let mut parts = name.rsplitn(3, ':');
     let (port, ip, rest) = (parts.next(), parts.next(), parts.next());
     match (port, ip, rest) {
@@ -375,7 +455,12 @@ pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
                     else {
                         return refuse(&what, "no endpoint address");
                     };
-                    ClusterKind::Static(socket_addr(&e.address, &what)?.to_string())
+                    // A pipe's mode only matters to whoever binds it (the
+                    // app); dialing ignores it, as Envoy does.
+                    ClusterKind::Static(match address(&e.address, &what)? {
+                        Addr::Ip(a) => LocalApp::Tcp(a.to_string()),
+                        Addr::Pipe(u) => LocalApp::Unix(u.path),
+                    })
                 }
                 Ok(other) => {
                     return refuse(
@@ -447,6 +532,12 @@ pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
         }
         None => None,
     };
+    if tls.is_some() && matches!(kind, ClusterKind::Static(LocalApp::Unix(_))) {
+        return refuse(
+            &what,
+            "unix socket address refused with upstream TLS: a socket file only reaches an app on this host, which ferry dials in plaintext",
+        );
+    }
     if tls.is_none() && kind == ClusterKind::Eds {
         return refuse(
             &what,
@@ -480,7 +571,11 @@ pub fn endpoints(any: &Any) -> Result<(String, EndpointsSpec), Refused> {
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
                 return refuse(&what, "named endpoints are not supported");
             };
-            let addr = socket_addr(&ep.address, &what)?;
+            let addr = ip_addr(
+                &ep.address,
+                &what,
+                "upstream instances are other sidecars' public listeners, dialed by IP and port",
+            )?;
             let hosts = by_priority.entry(group.priority).or_default();
             if usable {
                 hosts.push(addr);
@@ -656,12 +751,237 @@ mod tests {
 
     #[test]
     fn upstream_ids_drop_the_address_suffix_only() {
-        assert_eq!(upstream_id("db:127.0.0.1:9191"), "db");
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        assert_eq!(upstream_id("db:127.0.0.1:9191", &tcp), "db");
         assert_eq!(
-            upstream_id("prepared_query:geo:127.0.0.1:9192"),
+            upstream_id("prepared_query:geo:127.0.0.1:9192", &tcp),
             "prepared_query:geo"
         );
-        assert_eq!(upstream_id("db"), "db");
-        assert_eq!(upstream_id("a:b:c"), "a:b:c");
+        assert_eq!(upstream_id("db", &tcp), "db");
+        assert_eq!(upstream_id("a:b:c", &tcp), "a:b:c");
+        let sock = BindAddr::Unix(UnixBind {
+            path: "/tmp/service-mesh/db".into(),
+            mode: None,
+        });
+        assert_eq!(upstream_id("db:/tmp/service-mesh/db", &sock), "db");
+        assert_eq!(
+            upstream_id("prepared_query:geo:/tmp/service-mesh/db", &sock),
+            "prepared_query:geo"
+        );
+        assert_eq!(upstream_id("db", &sock), "db", "no suffix: kept");
+        assert_eq!(
+            upstream_id(":/tmp/service-mesh/db", &sock),
+            ":/tmp/service-mesh/db"
+        );
+    }
+
+    fn pipe_addr(path: &str, mode: u32) -> Option<Address> {
+        Some(Address {
+            address: Some(address::Address::Pipe(Pipe {
+                path: path.into(),
+                mode,
+            })),
+        })
+    }
+
+    fn pipe_listener(name: &str, path: &str, mode: u32) -> Any {
+        let Ok(mut l) = Listener::decode(listener_with(name, tcp("db.c")).value.as_slice()) else {
+            panic!("decode");
+        };
+        l.address = pipe_addr(path, mode);
+        any_of(&l)
+    }
+
+    /// `listeners/listener-unix-domain-socket.latest.golden`: Consul's
+    /// `local_bind_socket_mode = "0640"` arrives as mode 416.
+    #[test]
+    fn an_upstream_listener_on_a_pipe_binds_the_socket_with_its_mode() {
+        let name = "db:/tmp/service-mesh/client-1/grpc-employee-server";
+        let (_, spec) = listener(&pipe_listener(
+            name,
+            "/tmp/service-mesh/client-1/grpc-employee-server",
+            416,
+        ))
+        .unwrap();
+        let ListenerSpec::Upstream { id, bind, cluster } = spec else {
+            panic!("an upstream listener: {spec:?}");
+        };
+        assert_eq!((id.as_str(), cluster.as_str()), ("db", "db.c"));
+        assert_eq!(
+            bind,
+            BindAddr::Unix(UnixBind {
+                path: "/tmp/service-mesh/client-1/grpc-employee-server".into(),
+                mode: Some(0o640),
+            })
+        );
+        let (_, spec) = listener(&pipe_listener("db:/run/db.sock", "/run/db.sock", 0)).unwrap();
+        assert!(
+            matches!(
+                spec,
+                ListenerSpec::Upstream {
+                    bind: BindAddr::Unix(UnixBind { mode: None, .. }),
+                    ..
+                }
+            ),
+            "mode 0: the umask decides: {spec:?}"
+        );
+    }
+
+    #[test]
+    fn a_pipe_without_an_absolute_path_or_with_a_bad_mode_is_refused_with_a_reason() {
+        for (path, mode, why) in [
+            ("", 0, "empty path"),
+            ("alloc/tmp/db.sock", 0, "not absolute"),
+            ("@db", 0, "abstract"),
+            ("/run/db.sock", 0o1777, "not a file mode"),
+        ] {
+            let e = listener(&pipe_listener("db:x", path, mode)).unwrap_err();
+            assert!(
+                e.0.contains(why) && e.0.contains("listener db:x"),
+                "{path:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_local_app_may_be_a_pipe_but_upstream_instances_may_not() {
+        use envoy_types::pb::envoy::config::endpoint::v3::{
+            Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        let host = LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: pipe_addr("/tmp/downstream_proxy.sock", 0),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let la = ClusterLoadAssignment {
+            cluster_name: LOCAL_APP.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![host],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // `clusters/downstream-service-with-unix-sockets.latest.golden`.
+        let app = any_of(&Cluster {
+            name: LOCAL_APP.into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32,
+            )),
+            load_assignment: Some(la.clone()),
+            ..Default::default()
+        });
+        let (_, spec) = cluster(&app).unwrap();
+        assert_eq!(
+            spec.kind,
+            ClusterKind::Static(LocalApp::Unix("/tmp/downstream_proxy.sock".into()))
+        );
+        // The same host behind upstream TLS would be a mesh upstream on a
+        // socket: refused.
+        let Ok(mut tls) = Cluster::decode(app.value.as_slice()) else {
+            panic!("decode");
+        };
+        tls.transport_socket = Some(upstream_tls());
+        let e = cluster(&any_of(&tls)).unwrap_err();
+        assert!(
+            e.0.contains("unix socket address refused with upstream TLS"),
+            "{e}"
+        );
+        let e = endpoints(&any_of(&ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            ..la
+        }))
+        .unwrap_err();
+        assert!(
+            e.0.contains("endpoints db: unix socket address refused"),
+            "{e}"
+        );
+    }
+
+    /// Upstream TLS as Consul sends it: inline leaf and roots, an exact SAN.
+    fn upstream_tls() -> TransportSocket {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, SubjectAltNameMatcher, TlsCertificate,
+        };
+        use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+        let inline = |s: &str| {
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(s.into())),
+                ..Default::default()
+            })
+        };
+        let ctx = UpstreamTlsContext {
+            sni: "db.default.dc1.internal.example".into(),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificates: vec![TlsCertificate {
+                    certificate_chain: inline("chain"),
+                    private_key: inline("key"),
+                    ..Default::default()
+                }],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContext(
+                        CertificateValidationContext {
+                            trusted_ca: inline("roots"),
+                            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        "spiffe://example/ns/default/dc/dc1/svc/db".into(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: "tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+        }
+    }
+
+    #[test]
+    fn a_public_listener_on_a_pipe_is_refused_with_a_reason() {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+        use envoy_types::pb::google::protobuf::BoolValue;
+        let sds = |name: &str| SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let ctx = DownstreamTlsContext {
+            require_client_certificate: Some(BoolValue { value: true }),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        sds("connect-root"),
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let public = listener_with("public_listener:x", tcp(LOCAL_APP));
+        let Ok(mut l) = Listener::decode(public.value.as_slice()) else {
+            panic!("decode");
+        };
+        l.address = pipe_addr("/run/public.sock", 0);
+        l.filter_chains[0].transport_socket = Some(TransportSocket {
+            name: "tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+        });
+        let e = listener(&any_of(&l)).unwrap_err();
+        assert!(
+            e.0.contains("unix socket address refused: the public listener"),
+            "{e}"
+        );
     }
 }
