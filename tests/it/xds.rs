@@ -74,19 +74,7 @@ impl Sidecar {
 
     /// Starts ferry in-process as `ferry envoy -c <bootstrap>` would.
     async fn start(&self) -> ferry::Running {
-        let boot = Bootstrap::load(&self.bootstrap).expect("bootstrap");
-        let args = ferry::cli::parse(["ferry"]).expect("flags").proxy;
-        let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
-        let backoff = Backoff {
-            first: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-        };
-        within(
-            "ferry to start from xDS",
-            ferry::app::xds::start(boot, config, backoff),
-        )
-        .await
-        .expect("start")
+        ads::start_ferry(&self.bootstrap).await
     }
 
     fn uri(&self, svc: &str) -> String {
