@@ -7,8 +7,9 @@
 //! type decides wildcard (no names) or named; CDS, EDS, LDS, SDS are
 //! evaluated in that order; a name's version is a hash of its bytes; the
 //! versions a client resumes with (`initial_resource_versions`) are taken
-//! as what it holds. Simplified: a response is not held back until the
-//! previous one is ACKed. Knobs: replace or remove a resource, send a raw
+//! as what it holds; when a cluster is sent, its endpoints are sent again
+//! after it. Simplified: a response is not held back until the previous
+//! one of its type is ACKed. Knobs: replace or remove a resource, send a raw
 //! response (garbage, unknown type), stall, restart; every ACK and NACK is
 //! recorded with its nonce, error detail and the node that sent it.
 //!
@@ -495,6 +496,16 @@ impl Ads {
                 for n in gone {
                     sub.sent.remove(&n);
                     r.removed_resources.push(n);
+                }
+            }
+            if t == CDS {
+                // Consul re-sends the endpoints of every cluster it sends
+                // (Envoy does not subscribe again, and an updated EDS
+                // cluster would warm until its initial fetch timeout).
+                if let Some(eds) = subs.get_mut(EDS) {
+                    for c in &r.resources {
+                        eds.sent.remove(&c.name);
+                    }
                 }
             }
             if !r.resources.is_empty() || !r.removed_resources.is_empty() {
