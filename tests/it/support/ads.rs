@@ -911,9 +911,13 @@ pub struct ClusterOpts {
 }
 
 /// `clusters/defaults.latest.golden`'s upstream cluster: EDS over ADS,
-/// upstream TLS with `sni` and an exact SAN matcher.
+/// upstream TLS with `sni` and an exact SAN matcher. As in
+/// `clusters/connect-proxy-with-chain.latest.golden`, the panic threshold
+/// is disabled (`commonLbConfig.healthyPanicThreshold: {}`): with no
+/// healthy host Envoy refuses rather than use unhealthy ones.
 pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &ClusterOpts) -> Any {
-    use envoy_types::pb::envoy::config::cluster::v3::cluster::EdsClusterConfig;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{CommonLbConfig, EdsClusterConfig};
+    use envoy_types::pb::envoy::r#type::v3::Percent;
     any(&Cluster {
         name: name.into(),
         alt_stat_name: name.into(),
@@ -923,6 +927,10 @@ pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &Cluste
         )),
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: ads_source(),
+            ..Default::default()
+        }),
+        common_lb_config: Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 0.0 }),
             ..Default::default()
         }),
         circuit_breakers: Some(CircuitBreakers {
@@ -992,12 +1000,19 @@ pub const UNHEALTHY: i32 = 2;
 
 /// `endpoints/defaults.latest.golden` (and, with priorities,
 /// `endpoints/connect-proxy-with-chain-and-failover.latest.golden`): hosts
-/// as (priority, address, health).
+/// as (priority, address, health). With more than one priority, Consul's
+/// `policy.overprovisioningFactor: 100000`, so that Envoy moves load to the
+/// next priority only once a priority has no healthy host at all.
 pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
+    use envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::Policy;
     let mut groups: BTreeMap<u32, Vec<LbEndpoint>> = BTreeMap::new();
     for (p, a, h) in hosts {
         groups.entry(*p).or_default().push(host(*a, *h));
     }
+    let policy = (groups.len() > 1).then(|| Policy {
+        overprovisioning_factor: Some(UInt32Value { value: 100_000 }),
+        ..Default::default()
+    });
     any(&ClusterLoadAssignment {
         cluster_name: cluster.into(),
         endpoints: groups
@@ -1008,8 +1023,19 @@ pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
                 ..Default::default()
             })
             .collect(),
+        policy,
         ..Default::default()
     })
+}
+
+/// [`cla`] without Consul's overprovisioning factor: Envoy's default (140%)
+/// applies, and load spills to the next priority as soon as fewer than
+/// about 72% of a priority's hosts are healthy.
+pub fn cla_default_overprovisioning(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
+    let mut c: ClusterLoadAssignment =
+        Message::decode(cla(cluster, hosts).value.as_slice()).expect("decode");
+    c.policy = None;
+    any(&c)
 }
 
 /// `secrets/*.golden`-style SDS secrets: `connect-leaf`.
