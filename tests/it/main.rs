@@ -49,3 +49,6 @@ mod soak;
 // xDS mode (`ferry envoy`) against a Delta ADS server in Consul's manner.
 #[cfg(feature = "xds")]
 mod xds;
+// A real Envoy and ferry fed by one ADS server decide the same (needs `make deps`).
+#[cfg(feature = "xds")]
+mod xds_oracle;

@@ -75,19 +75,7 @@ impl Sidecar {
 
     /// Starts ferry in-process as `ferry envoy -c <bootstrap>` would.
     async fn start(&self) -> ferry::Running {
-        let boot = Bootstrap::load(&self.bootstrap).expect("bootstrap");
-        let args = ferry::cli::parse(["ferry"]).expect("flags").proxy;
-        let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
-        let backoff = Backoff {
-            first: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-        };
-        within(
-            "ferry to start from xDS",
-            ferry::app::xds::start(boot, config, backoff),
-        )
-        .await
-        .expect("start")
+        ads::start_ferry(&self.bootstrap).await
     }
 
     fn uri(&self, svc: &str) -> String {
@@ -611,106 +599,6 @@ async fn circuit_breaker_max_connections_caps_an_upstream() {
     .await;
 }
 
-/// A real Envoy configured by an ADS server through a bootstrap in
-/// Consul's shape (the oracle for what ferry decides).
-struct XdsEnvoy {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl XdsEnvoy {
-    fn start(ads: &Ads, service: &str) -> XdsEnvoy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("bootstrap.json");
-        std::fs::write(&path, ads::bootstrap(ads.addr, service, "").to_string()).expect("write");
-        let child = std::process::Command::new(crate::support::envoy::binary())
-            .args(["-c", &path.display().to_string(), "-l", "error"])
-            .args(["--concurrency", "1", "--disable-hot-restart"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn envoy");
-        XdsEnvoy { child, _dir: dir }
-    }
-}
-
-impl Drop for XdsEnvoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Who a public listener lets through, per source leaf.
-async fn decisions(addr: SocketAddr, sources: &[(&str, &Leaf)]) -> Vec<(String, bool)> {
-    let mut out = Vec::new();
-    for (name, leaf) in sources {
-        out.push((name.to_string(), !refused(&mesh_echo(addr, *leaf).await)));
-    }
-    out
-}
-
-#[tokio::test]
-async fn envoy_and_ferry_decide_the_same_for_the_same_rbac() {
-    // Two ADS servers with the same resources but each proxy's own port.
-    let s = Sidecar::new(Intentions::DefaultDeny(vec!["api".into()])).await;
-    let e = Sidecar::new(Intentions::DefaultDeny(vec!["api".into()])).await;
-    // Envoy's sidecar uses the same CA as ferry's, so one set of clients.
-    let e = Sidecar {
-        web: s.web.clone(),
-        ..e
-    };
-    let pki = &s.pki;
-    let web_for_envoy = Tls::Inline {
-        leaf: s.web.clone(),
-        roots: pki.ca.cert_pem().to_string(),
-    };
-    let ferry = s.start().await;
-    let _envoy = XdsEnvoy::start(&e.ads, "web");
-    let api = pki.leaf("api");
-    let evil = pki.leaf("evil");
-    let other = pki.leaf("other");
-    let sources = [("api", &api), ("evil", &evil), ("other", &other)];
-    let ferry_addr = ferry.inbound.expect("public");
-    // (intentions, whether api, evil, other pass), by Consul's semantics.
-    let cases = [
-        (
-            Intentions::DefaultDeny(vec!["api".into()]),
-            [true, false, false],
-        ),
-        (
-            Intentions::DefaultAllow(vec!["evil".into()]),
-            [true, false, true],
-        ),
-        (Intentions::DefaultDeny(Vec::new()), [false, false, false]),
-    ];
-    for (intentions, pass) in cases {
-        s.set_public(&s.inline(&s.web), &intentions);
-        let (name, l) =
-            ads::public_listener(e.public, &web_for_envoy, pki.trust_domain(), &intentions);
-        e.ads.set(LDS, &name, l);
-        let want: Vec<(String, bool)> = sources
-            .iter()
-            .zip(pass)
-            .map(|((n, _), p)| (n.to_string(), p))
-            .collect();
-        until("Envoy to decide as expected", || async {
-            decisions(e.public, &sources).await == want
-        })
-        .await;
-        until("ferry to decide as Envoy does", || async {
-            decisions(ferry_addr, &sources).await == want
-        })
-        .await;
-    }
-    assert!(
-        e.ads.replies().iter().all(|r| r.error.is_none()),
-        "Envoy accepted every resource: {:?}",
-        e.ads.replies()
-    );
-}
-
 #[tokio::test]
 async fn a_prepared_query_upstream_accepts_any_datacenter_its_cluster_names() {
     // `clusters/connect-proxy-with-prepared-query*`-style: one SAN per
@@ -1036,7 +924,7 @@ async fn envoy_serves_the_same_pipe_shapes() {
     let sock = socket_path(&e, "db.sock");
     let (name, l) = ads::upstream_listener_on_pipe("db", &sock, 0o640, DB_CLUSTER);
     e.ads.set(LDS, &name, l);
-    let _envoy = XdsEnvoy::start(&e.ads, "web");
+    let _envoy = crate::xds_oracle::XdsEnvoy::start(&e.bootstrap, e._dir.path());
     eventually("Envoy to bind the upstream's socket", || is_socket(&sock)).await;
     assert_eq!(socket_mode(&sock), 0o640, "Envoy applies the mode too");
     until("Envoy to carry bytes from the socket to db", || async {

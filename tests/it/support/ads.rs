@@ -7,10 +7,17 @@
 //! type decides wildcard (no names) or named; CDS, EDS, LDS, SDS are
 //! evaluated in that order; a name's version is a hash of its bytes; the
 //! versions a client resumes with (`initial_resource_versions`) are taken
-//! as what it holds. Simplified: a response is not held back until the
-//! previous one is ACKed. Knobs: replace or remove a resource, send a raw
+//! as what it holds; when a cluster is sent, its endpoints are sent again
+//! after it. Simplified: a response is not held back until the previous
+//! one of its type is ACKed. Knobs: replace or remove a resource, send a raw
 //! response (garbage, unknown type), stall, restart; every ACK and NACK is
-//! recorded with its nonce and error detail.
+//! recorded with its nonce, error detail and the node that sent it.
+//!
+//! One server can feed several proxies the way Consul does, each its own
+//! proxy registration: resources common to all (set with [`Ads::set`]) plus
+//! per-node ones keyed by the bootstrap's `node.id` ([`Ads::set_for`]). A
+//! stream's node is the `node.id` of its first request; it sees the common
+//! set overlaid with its own (its own wins on a name both hold).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -68,18 +75,54 @@ pub struct Reply {
     pub type_url: String,
     pub nonce: String,
     pub error: Option<String>,
+    /// The `node.id` of the stream it came on ("" before the stream named one).
+    pub node: String,
+}
+
+type Resources = BTreeMap<&'static str, BTreeMap<String, Any>>;
+
+/// An open stream, as [`Ads::in_sync`] needs it.
+#[derive(Default)]
+struct Open {
+    node: String,
+    /// The [`Inner::generation`] the stream last computed what to send at.
+    seen: u64,
+    /// The last nonce sent, per type.
+    last: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
 struct Inner {
-    resources: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    /// Common to every node.
+    resources: Resources,
+    /// Per node id, overlaid on the common ones.
+    nodes: BTreeMap<String, Resources>,
     replies: Vec<Reply>,
     /// Every request with `initial_resource_versions`, per type.
     resumed: Vec<(String, HashMap<String, String>)>,
     raw: Vec<DeltaDiscoveryResponse>,
     stalled: bool,
-    streams: usize,
+    /// Open streams by a per-server number.
+    open: BTreeMap<u64, Open>,
+    next_stream: u64,
+    /// Bumped by every change of resources or knobs.
+    generation: u64,
     nonce: u64,
+}
+
+impl Inner {
+    /// What `node` sees of type `t`: the common resources, overlaid with its own.
+    fn view(&self, node: &str, t: &str) -> BTreeMap<String, Any> {
+        let mut have = self.resources.get(t).cloned().unwrap_or_default();
+        if let Some(own) = self.nodes.get(node).and_then(|r| r.get(t)) {
+            have.extend(own.iter().map(|(n, a)| (n.clone(), a.clone())));
+        }
+        have
+    }
+
+    fn changed(&mut self) {
+        self.generation += 1;
+    }
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -204,7 +247,7 @@ impl Ads {
         let old = std::mem::replace(&mut *self.kill.lock().unwrap(), CancellationToken::new());
         old.cancel();
         eventually("old streams to end", || {
-            self.inner.lock().unwrap().streams == 0
+            self.inner.lock().unwrap().open.is_empty()
         })
         .await;
         let mut listener = None;
@@ -220,40 +263,77 @@ impl Ads {
         self.serve(listener.expect("rebind the ADS port"));
     }
 
-    /// Adds or replaces resource `name` of type `type_url`.
-    pub fn set(&self, type_url: &'static str, name: &str, any: Any) {
-        self.inner
-            .lock()
-            .unwrap()
-            .resources
-            .entry(type_url)
-            .or_default()
-            .insert(name.to_string(), any);
+    /// Applies `f` to the state, then wakes the streams.
+    fn change(&self, f: impl FnOnce(&mut Inner)) {
+        let mut inner = self.inner.lock().unwrap();
+        f(&mut inner);
+        inner.changed();
+        drop(inner);
         self.changed.notify_waiters();
     }
 
-    /// Removes a resource.
+    /// Adds or replaces resource `name` of type `type_url`, for every node.
+    pub fn set(&self, type_url: &'static str, name: &str, any: Any) {
+        self.change(|i| {
+            i.resources
+                .entry(type_url)
+                .or_default()
+                .insert(name.to_string(), any);
+        });
+    }
+
+    /// Adds or replaces resource `name` of type `type_url` for the node
+    /// `node` only (in Consul, each sidecar's own registration: its
+    /// listeners), over a common one of the same name.
+    pub fn set_for(&self, node: &str, type_url: &'static str, name: &str, any: Any) {
+        self.change(|i| {
+            i.nodes
+                .entry(node.to_string())
+                .or_default()
+                .entry(type_url)
+                .or_default()
+                .insert(name.to_string(), any);
+        });
+    }
+
+    /// Removes a common resource.
     pub fn remove(&self, type_url: &'static str, name: &str) {
-        if let Some(m) = self.inner.lock().unwrap().resources.get_mut(type_url) {
-            m.remove(name);
-        }
-        self.changed.notify_waiters();
+        self.change(|i| {
+            if let Some(m) = i.resources.get_mut(type_url) {
+                m.remove(name);
+            }
+        });
+    }
+
+    /// Removes a resource of node `node` (a common one of the name shows again).
+    pub fn remove_for(&self, node: &str, type_url: &'static str, name: &str) {
+        self.change(|i| {
+            if let Some(m) = i.nodes.get_mut(node).and_then(|r| r.get_mut(type_url)) {
+                m.remove(name);
+            }
+        });
     }
 
     /// Sends `r` as it is on the open streams (its nonce is filled in).
     pub fn send_raw(&self, r: DeltaDiscoveryResponse) {
-        self.inner.lock().unwrap().raw.push(r);
-        self.changed.notify_waiters();
+        self.change(|i| i.raw.push(r));
     }
 
     /// Stops (or resumes) sending anything.
     pub fn stall(&self, on: bool) {
-        self.inner.lock().unwrap().stalled = on;
-        self.changed.notify_waiters();
+        self.change(|i| i.stalled = on);
     }
 
     pub fn replies(&self) -> Vec<Reply> {
         self.inner.lock().unwrap().replies.clone()
+    }
+
+    /// The replies that came from node `node`.
+    pub fn replies_for(&self, node: &str) -> Vec<Reply> {
+        self.replies()
+            .into_iter()
+            .filter(|r| r.node == node)
+            .collect()
     }
 
     pub fn resumed(&self) -> Vec<(String, HashMap<String, String>)> {
@@ -261,7 +341,52 @@ impl Ads {
     }
 
     pub fn streams(&self) -> usize {
-        self.inner.lock().unwrap().streams
+        self.inner.lock().unwrap().open.len()
+    }
+
+    /// Waits until node `node` has a stream that has been sent everything
+    /// the server holds for it and has answered the last response of each
+    /// type, then asserts that none of its replies was a NACK: the proxy
+    /// holds exactly what the server serves. (A client may still subscribe
+    /// to more afterwards, e.g. EDS for a new cluster.)
+    pub async fn in_sync(&self, node: &str) {
+        // What is still missing, or None.
+        let missing = || {
+            let inner = self.inner.lock().unwrap();
+            let mine: Vec<&Open> = inner.open.values().filter(|o| o.node == node).collect();
+            if mine.is_empty() {
+                return Some("no stream".to_string());
+            }
+            let mut out = Vec::new();
+            for o in mine {
+                if o.seen != inner.generation {
+                    out.push(format!("not yet sent generation {}", inner.generation));
+                }
+                for (t, n) in &o.last {
+                    if !inner.replies.iter().any(|r| &r.nonce == n) {
+                        out.push(format!("no answer to {t} nonce {n}"));
+                    }
+                }
+            }
+            (!out.is_empty()).then(|| out.join("; "))
+        };
+        let deadline = tokio::time::Instant::now() + super::DEADLINE;
+        while let Some(why) = missing() {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "node {node} not in sync after {:?}: {why}; replies {:?}",
+                    super::DEADLINE,
+                    self.replies_for(node)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let nacks: Vec<Reply> = self
+            .replies_for(node)
+            .into_iter()
+            .filter(|r| r.error.is_some())
+            .collect();
+        assert!(nacks.is_empty(), "node {node} refused resources: {nacks:?}");
     }
 
     /// Waits for a reply matching `f`, returns it.
@@ -328,16 +453,21 @@ struct Sub {
 }
 
 impl Ads {
-    /// What to send now on a stream with subscriptions `subs`.
-    fn pending(&self, subs: &mut BTreeMap<String, Sub>) -> Vec<DeltaDiscoveryResponse> {
+    /// What to send now on stream `id` with subscriptions `subs`.
+    fn pending(&self, id: u64, subs: &mut BTreeMap<String, Sub>) -> Vec<DeltaDiscoveryResponse> {
         let mut inner = self.inner.lock().unwrap();
         if inner.stalled {
             return Vec::new();
         }
+        let node = inner
+            .open
+            .get(&id)
+            .map(|o| o.node.clone())
+            .unwrap_or_default();
         let mut out: Vec<DeltaDiscoveryResponse> = std::mem::take(&mut inner.raw);
         for t in ORDER {
             let Some(sub) = subs.get_mut(t) else { continue };
-            let have = inner.resources.get(t).cloned().unwrap_or_default();
+            let have = inner.view(&node, t);
             let mut r = DeltaDiscoveryResponse {
                 type_url: t.to_string(),
                 ..Default::default()
@@ -369,6 +499,16 @@ impl Ads {
                     r.removed_resources.push(n);
                 }
             }
+            if t == CDS {
+                // Consul re-sends the endpoints of every cluster it sends
+                // (Envoy does not subscribe again, and an updated EDS
+                // cluster would warm until its initial fetch timeout).
+                if let Some(eds) = subs.get_mut(EDS) {
+                    for c in &r.resources {
+                        eds.sent.remove(&c.name);
+                    }
+                }
+            }
             if !r.resources.is_empty() || !r.removed_resources.is_empty() {
                 out.push(r);
             }
@@ -377,16 +517,34 @@ impl Ads {
             inner.nonce += 1;
             r.nonce = format!("{:08x}", inner.nonce);
         }
+        let generation = inner.generation;
+        if let Some(o) = inner.open.get_mut(&id) {
+            o.seen = generation;
+            for r in &out {
+                o.last.insert(r.type_url.clone(), r.nonce.clone());
+            }
+        }
         out
     }
 
-    fn request(&self, req: &DeltaDiscoveryRequest, subs: &mut BTreeMap<String, Sub>) {
+    fn request(&self, id: u64, req: &DeltaDiscoveryRequest, subs: &mut BTreeMap<String, Sub>) {
         let mut inner = self.inner.lock().unwrap();
+        let Some(open) = inner.open.get_mut(&id) else {
+            return;
+        };
+        // Envoy and ferry name their node on the first request only.
+        if open.node.is_empty() {
+            if let Some(n) = &req.node {
+                open.node = n.id.clone();
+            }
+        }
+        let node = open.node.clone();
         if !req.response_nonce.is_empty() {
             inner.replies.push(Reply {
                 type_url: req.type_url.clone(),
                 nonce: req.response_nonce.clone(),
                 error: req.error_detail.as_ref().map(|s| s.message.clone()),
+                node,
             });
             return;
         }
@@ -442,29 +600,39 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, out) = mpsc::channel(64);
         let ads = self.clone();
         let kill = self.kill.lock().unwrap().clone();
-        self.inner.lock().unwrap().streams += 1;
+        let id = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.next_stream += 1;
+            let id = inner.next_stream;
+            inner.open.insert(id, Open::default());
+            id
+        };
         tokio::spawn(async move {
             let mut subs = BTreeMap::new();
             loop {
-                for r in ads.pending(&mut subs) {
+                // Registered before looking, so a change made while this
+                // pass computes is not missed.
+                let changed = ads.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                for r in ads.pending(id, &mut subs) {
                     if tx.send(Ok(r)).await.is_err() {
                         break;
                     }
                 }
-                let changed = ads.changed.notified();
                 tokio::select! {
                     m = rx.message() => match m {
-                        Ok(Some(m)) => ads.request(&m, &mut subs),
+                        Ok(Some(m)) => ads.request(id, &m, &mut subs),
                         _ => break,
                     },
-                    _ = changed => {}
+                    _ = &mut changed => {}
                     _ = kill.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("agent restarting"))).await;
                         break;
                     }
                 }
             }
-            ads.inner.lock().unwrap().streams -= 1;
+            ads.inner.lock().unwrap().open.remove(&id);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
@@ -802,9 +970,13 @@ pub struct ClusterOpts {
 }
 
 /// `clusters/defaults.latest.golden`'s upstream cluster: EDS over ADS,
-/// upstream TLS with `sni` and an exact SAN matcher.
+/// upstream TLS with `sni` and an exact SAN matcher. As in
+/// `clusters/connect-proxy-with-chain.latest.golden`, the panic threshold
+/// is disabled (`commonLbConfig.healthyPanicThreshold: {}`): with no
+/// healthy host Envoy refuses rather than use unhealthy ones.
 pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &ClusterOpts) -> Any {
-    use envoy_types::pb::envoy::config::cluster::v3::cluster::EdsClusterConfig;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{CommonLbConfig, EdsClusterConfig};
+    use envoy_types::pb::envoy::r#type::v3::Percent;
     any(&Cluster {
         name: name.into(),
         alt_stat_name: name.into(),
@@ -814,6 +986,10 @@ pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &Cluste
         )),
         eds_cluster_config: Some(EdsClusterConfig {
             eds_config: ads_source(),
+            ..Default::default()
+        }),
+        common_lb_config: Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 0.0 }),
             ..Default::default()
         }),
         circuit_breakers: Some(CircuitBreakers {
@@ -887,12 +1063,19 @@ pub const UNHEALTHY: i32 = 2;
 
 /// `endpoints/defaults.latest.golden` (and, with priorities,
 /// `endpoints/connect-proxy-with-chain-and-failover.latest.golden`): hosts
-/// as (priority, address, health).
+/// as (priority, address, health). With more than one priority, Consul's
+/// `policy.overprovisioningFactor: 100000`, so that Envoy moves load to the
+/// next priority only once a priority has no healthy host at all.
 pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
+    use envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::Policy;
     let mut groups: BTreeMap<u32, Vec<LbEndpoint>> = BTreeMap::new();
     for (p, a, h) in hosts {
         groups.entry(*p).or_default().push(host(*a, *h));
     }
+    let policy = (groups.len() > 1).then(|| Policy {
+        overprovisioning_factor: Some(UInt32Value { value: 100_000 }),
+        ..Default::default()
+    });
     any(&ClusterLoadAssignment {
         cluster_name: cluster.into(),
         endpoints: groups
@@ -903,6 +1086,7 @@ pub fn cla(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
                 ..Default::default()
             })
             .collect(),
+        policy,
         ..Default::default()
     })
 }
@@ -918,6 +1102,16 @@ pub fn cla_on_pipe(cluster: &str, path: &Path) -> Any {
         }],
         ..Default::default()
     })
+}
+
+/// [`cla`] without Consul's overprovisioning factor: Envoy's default (140%)
+/// applies, and load spills to the next priority as soon as fewer than
+/// about 72% of a priority's hosts are healthy.
+pub fn cla_default_overprovisioning(cluster: &str, hosts: &[(u32, SocketAddr, i32)]) -> Any {
+    let mut c: ClusterLoadAssignment =
+        Message::decode(cla(cluster, hosts).value.as_slice()).expect("decode");
+    c.policy = None;
+    any(&c)
 }
 
 /// `secrets/*.golden`-style SDS secrets: `connect-leaf`.
@@ -946,12 +1140,31 @@ pub fn root_secret(roots: &str) -> Any {
 }
 
 /// A bootstrap in the shape `consul connect envoy -bootstrap` writes, with
-/// the agent at `agent` (TCP), for service `service`.
+/// the agent at `agent` (TCP), for service `service` registered under the
+/// service ID `service` (node id `<service>-sidecar-proxy`).
 pub fn bootstrap(agent: SocketAddr, service: &str, token: &str) -> serde_json::Value {
+    bootstrap_for(agent, service, service, token)
+}
+
+/// The node id Consul gives the sidecar of the service instance
+/// `service_id`: the sidecar's own service ID.
+pub fn node_id(service_id: &str) -> String {
+    format!("{service_id}-sidecar-proxy")
+}
+
+/// [`bootstrap`] for the instance of `service` registered as `service_id`
+/// (node id [`node_id`]`(service_id)`): one of several sidecars of a
+/// service on one agent, each its own proxy registration.
+pub fn bootstrap_for(
+    agent: SocketAddr,
+    service: &str,
+    service_id: &str,
+    token: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "admin": {"access_log_path": "/dev/null",
                   "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "node": {"cluster": service, "id": format!("{service}-sidecar-proxy"),
+        "node": {"cluster": service, "id": node_id(service_id),
                  "metadata": {"namespace": "default", "partition": "default"}},
         "layered_runtime": {"layers": [{"name": "base", "static_layer": {"re2.max_program_size.error_level": 1048576}}]},
         "static_resources": {"clusters": [{
@@ -968,4 +1181,24 @@ pub fn bootstrap(agent: SocketAddr, service: &str, token: &str) -> serde_json::V
                 "grpc_services": {"initial_metadata": [{"key": "x-consul-token", "value": token}],
                                   "envoy_grpc": {"cluster_name": "local_agent"}}}}
     })
+}
+
+/// Starts ferry in-process from the bootstrap at `path`, as `ferry envoy -c
+/// <path>` would, reconnecting quickly; returns once the first complete
+/// configuration is served.
+pub async fn start_ferry(path: &std::path::Path) -> ferry::Running {
+    use ferry::control::xds::{bootstrap::Bootstrap, Backoff};
+    let boot = Bootstrap::load(path).expect("bootstrap");
+    let args = ferry::cli::parse(["ferry"]).expect("flags").proxy;
+    let config = ferry::Config::for_control_plane(&args, boot.service()).expect("config");
+    let backoff = Backoff {
+        first: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+    };
+    super::within(
+        "ferry to start from xDS",
+        ferry::app::xds::start(boot, config, backoff),
+    )
+    .await
+    .expect("start")
 }

@@ -1,0 +1,710 @@
+//! Envoy as the oracle for ferry's xDS mode. One ADS server in Consul's
+//! manner (support/ads.rs) feeds a real Envoy 1.40 and ferry as two
+//! sidecars of `web`: two instances of it, each its own proxy registration
+//! and node id, so each has its own listeners (their ports differ) while
+//! clusters, endpoints and secrets are common. Each test asserts that both
+//! proxies decide the same, and what they decide: the sources allowed and
+//! denied, the endpoints used in failover order, the SNI sent, the
+//! refusals of a wrong server identity. Every step waits until both nodes
+//! answered everything the server sent them, and fails on any NACK, so a
+//! resource Envoy silently refused cannot make a test pass.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::google::protobuf::Any;
+use ferry::identity::dev_ca::Leaf;
+
+use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS};
+use crate::support::{
+    dead_addr, mesh_echo, plain_echo, refused, EchoServer, Pki, TlsEchoServer, DEADLINE, MSG,
+};
+
+/// The service IDs of the two instances of `web`; their sidecars' node ids
+/// are `<id>-sidecar-proxy`. Index 0 is ferry, 1 is Envoy everywhere below.
+const SIDES: [&str; 2] = ["web-ferry", "web-envoy"];
+
+const DB_CLUSTER: &str = "db.default.dc1.internal.test";
+
+/// Endpoints as `ads::cla` takes them: (priority, address, health).
+type Hosts = Vec<(u32, SocketAddr, i32)>;
+
+/// A real Envoy configured over ADS through a bootstrap in Consul's shape.
+/// Its log goes to a file, printed if the test fails.
+pub(crate) struct XdsEnvoy {
+    child: Child,
+    log: PathBuf,
+}
+
+impl XdsEnvoy {
+    /// Runs Envoy from `bootstrap`, its log in `dir`.
+    pub(crate) fn start(bootstrap: &Path, dir: &Path) -> XdsEnvoy {
+        let log = dir.join("envoy.log");
+        let child = Command::new(crate::support::envoy::binary())
+            .arg("-c")
+            .arg(bootstrap)
+            .args(["-l", "info", "--log-path"])
+            .arg(&log)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        XdsEnvoy { child, log }
+    }
+}
+
+impl Drop for XdsEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            // Without the list of extensions and the deprecation notices.
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("server.cc:467") && !l.contains("Deprecated field"))
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("--- Envoy's log (last lines) ---\n{}", tail.join("\n"));
+        }
+    }
+}
+
+/// ferry and Envoy as two sidecars of `web` on one ADS server.
+struct Oracle {
+    pki: Pki,
+    ads: Ads,
+    web: Leaf,
+    _app: EchoServer,
+    /// Each side's public listener.
+    public: [SocketAddr; 2],
+    dir: tempfile::TempDir,
+}
+
+/// Both proxies, running.
+struct Proxies {
+    ferry: ferry::Running,
+    _envoy: XdsEnvoy,
+}
+
+impl Oracle {
+    /// The common `local_app` and each node's public listener with
+    /// intentions `i`.
+    async fn new(i: &Intentions) -> Oracle {
+        let pki = Pki::new();
+        let web = pki.leaf("web");
+        let ads = Ads::start().await;
+        let app = EchoServer::start().await;
+        ads.set(CDS, "local_app", ads::local_app(app.addr));
+        let o = Oracle {
+            public: [dead_addr().await, dead_addr().await],
+            dir: tempfile::tempdir().expect("tempdir"),
+            pki,
+            ads,
+            web,
+            _app: app,
+        };
+        o.set_public(i);
+        o
+    }
+
+    fn node(side: usize) -> String {
+        ads::node_id(SIDES[side])
+    }
+
+    fn tls(&self) -> Tls {
+        Tls::Inline {
+            leaf: self.web.clone(),
+            roots: self.pki.ca.cert_pem().to_string(),
+        }
+    }
+
+    fn sni(&self, svc: &str, dc: &str) -> String {
+        crate::support::envoy::sni(svc, dc, self.pki.trust_domain())
+    }
+
+    /// Each node's public listener, with intentions `i`.
+    fn set_public(&self, i: &Intentions) {
+        for (side, addr) in self.public.iter().enumerate() {
+            let (name, l) = ads::public_listener(*addr, &self.tls(), self.pki.trust_domain(), i);
+            self.ads.set_for(&Oracle::node(side), LDS, &name, l);
+        }
+    }
+
+    /// Upstream `id` → `cluster` on a free port of each node; the binds.
+    async fn upstream(&self, id: &str, cluster: &str) -> [SocketAddr; 2] {
+        let binds = [dead_addr().await, dead_addr().await];
+        for (side, bind) in binds.iter().enumerate() {
+            let (name, l) = ads::upstream_listener(id, *bind, cluster);
+            self.ads.set_for(&Oracle::node(side), LDS, &name, l);
+        }
+        binds
+    }
+
+    /// A common upstream cluster in Consul's shape.
+    fn cluster(&self, name: &str, sni: &str, sans: &[String]) -> Any {
+        ads::eds_cluster(name, sni, sans, &self.tls(), &ClusterOpts::default())
+    }
+
+    /// Starts Envoy and ferry, each from its own bootstrap.
+    async fn start(&self) -> Proxies {
+        let boot = |side: usize| {
+            let path = self.dir.path().join(format!("{}.json", SIDES[side]));
+            let b = ads::bootstrap_for(self.ads.addr, "web", SIDES[side], "");
+            std::fs::write(&path, b.to_string()).expect("write bootstrap");
+            path
+        };
+        let envoy = XdsEnvoy::start(&boot(1), self.dir.path());
+        let ferry = ads::start_ferry(&boot(0)).await;
+        assert_eq!(ferry.inbound, Some(self.public[0]));
+        self.in_sync().await;
+        Proxies {
+            ferry,
+            _envoy: envoy,
+        }
+    }
+
+    /// Both nodes hold exactly what the server serves them, nothing NACKed.
+    async fn in_sync(&self) {
+        for side in 0..2 {
+            self.ads.in_sync(&Oracle::node(side)).await;
+        }
+    }
+}
+
+/// Probes until `probe` answers `want`; panics after DEADLINE with the
+/// last answer.
+async fn converge<T, F, Fut>(what: &str, want: &T, mut probe: F)
+where
+    T: PartialEq + Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got = probe().await;
+        if &got == want {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what}: after {DEADLINE:?} still {got:?}, want {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until each side answers `want` to `probe(side)`, Envoy first (the
+/// oracle), then asks both once more: at the same moment they must decide
+/// the same, and as expected.
+async fn both<T, F, Fut>(step: &str, want: T, probe: F)
+where
+    T: PartialEq + Debug,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T>,
+{
+    converge(&format!("{step}: Envoy"), &want, || probe(1)).await;
+    converge(&format!("{step}: ferry"), &want, || probe(0)).await;
+    let (f, e) = (probe(0).await, probe(1).await);
+    assert_eq!(f, e, "{step}: ferry and Envoy decide differently");
+    assert_eq!(e, want, "{step}");
+}
+
+/// Where one connection to an upstream listener went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// Echoed by this server after a handshake that sent this SNI.
+    Echoed {
+        server: &'static str,
+        sni: Option<String>,
+    },
+    /// Nothing echoed and no handshake completed; TCP reached these
+    /// servers (none: no host was tried).
+    Refused { reached: Vec<&'static str> },
+    /// Anything else (a handshake without an echo, a hang, two servers).
+    Odd(String),
+}
+
+fn echoed(server: &'static str, sni: &str) -> Route {
+    Route::Echoed {
+        server,
+        sni: Some(sni.to_string()),
+    }
+}
+
+fn refused_at(servers: &[&'static str]) -> Route {
+    Route::Refused {
+        reached: servers.to_vec(),
+    }
+}
+
+/// Named upstream instances: mTLS echo servers that record each handshake.
+struct Servers(Vec<(&'static str, TlsEchoServer)>);
+
+impl Servers {
+    async fn start(pki: &Pki, named: Vec<(&'static str, &Leaf)>) -> Servers {
+        let mut v = Vec::new();
+        for (name, leaf) in named {
+            v.push((name, TlsEchoServer::start(pki, leaf).await));
+        }
+        Servers(v)
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("server")
+            .1
+            .addr
+    }
+
+    fn counts(&self) -> Vec<(usize, usize)> {
+        self.0
+            .iter()
+            .map(|(_, s)| (s.counts.accepted(), s.handshakes()))
+            .collect()
+    }
+
+    /// One echo through the upstream listener `bind`. The test makes one
+    /// connection at a time, so what changed on the servers is its doing.
+    async fn route(&self, bind: SocketAddr) -> Route {
+        let before = self.counts();
+        let r = plain_echo(bind).await;
+        let after = self.counts();
+        let mut reached = Vec::new();
+        let mut shook = Vec::new();
+        for (i, (name, server)) in self.0.iter().enumerate() {
+            if after[i].0 > before[i].0 {
+                reached.push(*name);
+            }
+            if after[i].1 > before[i].1 {
+                let sni = server.snis.lock().unwrap()[before[i].1].clone();
+                shook.push((*name, sni));
+            }
+        }
+        let echo = matches!(&r, Ok(got) if got == MSG);
+        match (echo, shook.as_slice()) {
+            (true, [(server, sni)]) => Route::Echoed {
+                server,
+                sni: sni.clone(),
+            },
+            (false, []) if refused(&r) => Route::Refused { reached },
+            _ => Route::Odd(format!("{r:?}, handshakes {shook:?}, reached {reached:?}")),
+        }
+    }
+}
+
+/// Who a public listener lets through, per source leaf.
+async fn decisions(addr: SocketAddr, sources: &[(&str, &Leaf)]) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for (name, leaf) in sources {
+        out.push((name.to_string(), !refused(&mesh_echo(addr, *leaf).await)));
+    }
+    out
+}
+
+#[tokio::test]
+async fn envoy_and_ferry_decide_the_same_for_the_same_rbac() {
+    let o = Oracle::new(&Intentions::DefaultDeny(vec!["api".into()])).await;
+    let _p = o.start().await;
+    let api = o.pki.leaf("api");
+    let evil = o.pki.leaf("evil");
+    let other = o.pki.leaf("other");
+    let sources = [("api", &api), ("evil", &evil), ("other", &other)];
+    // (intentions, whether api, evil, other pass), by Consul's semantics.
+    let cases = [
+        (
+            Intentions::DefaultDeny(vec!["api".into()]),
+            [true, false, false],
+        ),
+        (
+            Intentions::DefaultAllow(vec!["evil".into()]),
+            [true, false, true],
+        ),
+        (Intentions::DefaultDeny(Vec::new()), [false, false, false]),
+        (Intentions::DefaultAllow(Vec::new()), [true, true, true]),
+    ];
+    for (intentions, pass) in cases {
+        o.set_public(&intentions);
+        o.in_sync().await;
+        let want: Vec<(String, bool)> = sources
+            .iter()
+            .zip(pass)
+            .map(|((n, _), p)| (n.to_string(), p))
+            .collect();
+        let step = format!("intentions {pass:?}");
+        both(&step, want, |side| decisions(o.public[side], &sources)).await;
+    }
+}
+
+/// Priorities are kept fully healthy or fully unhealthy: with Envoy's
+/// default overprovisioning factor (140%) a partly healthy priority 0
+/// spills part of the load to priority 1 at random, and only Consul's
+/// factor (100000, which `ads::cla` carries) makes Envoy's failover strict.
+/// The one partly healthy step relies on that factor.
+#[tokio::test]
+async fn envoy_and_ferry_fail_over_across_priorities_in_the_same_order() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("dc1", &db), ("dc1-b", &db), ("dc2", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        o.cluster(DB_CLUSTER, &sni, &[o.pki.uri("db")]),
+    );
+    let (dc1, dc1b, dc2) = (s.addr("dc1"), s.addr("dc1-b"), s.addr("dc2"));
+    let (up, down) = (ads::HEALTHY, ads::UNHEALTHY);
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, dc1, down), (1, dc2, up)]),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let p = o.start().await;
+    assert_eq!(p.ferry.upstream("db"), Some(binds[0]));
+
+    let steps: [(&str, Hosts, Route); 5] = [
+        (
+            "priority 0 unhealthy: priority 1 serves",
+            vec![(0, dc1, down), (1, dc2, up)],
+            echoed("dc2", &sni),
+        ),
+        (
+            "priority 0 healthy again: back to it",
+            vec![(0, dc1, up), (1, dc2, up)],
+            echoed("dc1", &sni),
+        ),
+        (
+            "no healthy host anywhere: refused, nothing tried",
+            vec![(0, dc1, down), (1, dc2, down)],
+            refused_at(&[]),
+        ),
+        (
+            "priority 0 partly healthy (Consul's factor): its healthy host only",
+            vec![(0, dc1, up), (0, dc1b, down), (1, dc2, up)],
+            echoed("dc1", &sni),
+        ),
+        (
+            "priority 0 down again: priority 1",
+            vec![(0, dc1, down), (0, dc1b, down), (1, dc2, up)],
+            echoed("dc2", &sni),
+        ),
+    ];
+    for (step, hosts, want) in steps {
+        o.ads.set(EDS, DB_CLUSTER, ads::cla(DB_CLUSTER, &hosts));
+        o.in_sync().await;
+        both(step, want, |side| s.route(binds[side])).await;
+    }
+}
+
+#[tokio::test]
+async fn envoy_and_ferry_fail_over_across_aggregate_legs_each_with_its_own_sni() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let db_dc2 = o
+        .pki
+        .ca
+        .leaf("db", "dc2", Duration::from_secs(3600))
+        .expect("dc2 leaf");
+    // The second leg's endpoint stands in for dc2's mesh gateway, which
+    // would route on the SNI; the handshake is end to end with db in dc2.
+    let s = Servers::start(&o.pki, vec![("local", &db), ("remote", &db_dc2)]).await;
+    let primary = DB_CLUSTER;
+    let legs = [
+        format!("failover-target~0~{primary}"),
+        format!("failover-target~1~{primary}"),
+    ];
+    let (sni1, sni2) = (o.sni("db", "dc1"), o.sni("db", "dc2"));
+    o.ads
+        .set(CDS, primary, ads::aggregate_cluster(primary, &legs));
+    o.ads.set(
+        CDS,
+        &legs[0],
+        o.cluster(&legs[0], &sni1, &[o.pki.ca.spiffe_uri("dc1", "db")]),
+    );
+    o.ads.set(
+        CDS,
+        &legs[1],
+        o.cluster(&legs[1], &sni2, &[o.pki.ca.spiffe_uri("dc2", "db")]),
+    );
+    let (local, remote) = (s.addr("local"), s.addr("remote"));
+    let (up, down) = (ads::HEALTHY, ads::UNHEALTHY);
+    o.ads.set(EDS, &legs[0], ads::cla(&legs[0], &[]));
+    o.ads
+        .set(EDS, &legs[1], ads::cla(&legs[1], &[(0, remote, up)]));
+    let binds = o.upstream("db", primary).await;
+    let _p = o.start().await;
+
+    let steps: [(&str, Hosts, Hosts, Route); 4] = [
+        (
+            "the first leg has no endpoints: the second leg, with its SNI",
+            vec![],
+            vec![(0, remote, up)],
+            echoed("remote", &sni2),
+        ),
+        (
+            "the first leg gets a healthy endpoint: back to it, with its SNI",
+            vec![(0, local, up)],
+            vec![(0, remote, up)],
+            echoed("local", &sni1),
+        ),
+        (
+            "the first leg's endpoint turns unhealthy: the second leg",
+            vec![(0, local, down)],
+            vec![(0, remote, up)],
+            echoed("remote", &sni2),
+        ),
+        (
+            "no leg has a healthy endpoint: refused, nothing tried",
+            vec![(0, local, down)],
+            vec![(0, remote, down)],
+            refused_at(&[]),
+        ),
+    ];
+    for (step, first, second, want) in steps {
+        o.ads.set(EDS, &legs[0], ads::cla(&legs[0], &first));
+        o.ads.set(EDS, &legs[1], ads::cla(&legs[1], &second));
+        o.in_sync().await;
+        both(step, want, |side| s.route(binds[side])).await;
+    }
+}
+
+#[tokio::test]
+async fn envoy_and_ferry_send_the_clusters_sni_and_follow_its_changes() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let geo_dc2 = o
+        .pki
+        .ca
+        .leaf("geo-db", "dc2", Duration::from_secs(3600))
+        .expect("dc2 leaf");
+    let s = Servers::start(&o.pki, vec![("db", &db), ("geo-db", &geo_dc2)]).await;
+    let sni = o.sni("db", "dc1");
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        o.cluster(DB_CLUSTER, &sni, &[o.pki.uri("db")]),
+    );
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    // A prepared query's cluster (`clusters/connect-proxy-with-chain.latest.golden`'s
+    // geo-cache): the SNI is the cluster's name, and a SAN per datacenter.
+    let geo = format!("geo-db.default.dc1.query.{}", o.pki.trust_domain());
+    let geo_sans = [
+        o.pki.ca.spiffe_uri("dc1", "geo-db"),
+        o.pki.ca.spiffe_uri("dc2", "geo-db"),
+    ];
+    o.ads.set(CDS, &geo, o.cluster(&geo, &geo, &geo_sans));
+    o.ads.set(
+        EDS,
+        &geo,
+        ads::cla(&geo, &[(0, s.addr("geo-db"), ads::HEALTHY)]),
+    );
+    let db_binds = o.upstream("db", DB_CLUSTER).await;
+    let geo_binds = o.upstream("prepared_query:geo-db", &geo).await;
+    let _p = o.start().await;
+
+    both("the cluster's sni", echoed("db", &sni), |side| {
+        s.route(db_binds[side])
+    })
+    .await;
+    both("a prepared query's sni", echoed("geo-db", &geo), |side| {
+        s.route(geo_binds[side])
+    })
+    .await;
+
+    // A new sni on the cluster (what a resolver redirect does to the name):
+    // new connections send it.
+    let renamed = o.sni("db", "dc3");
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        o.cluster(DB_CLUSTER, &renamed, &[o.pki.uri("db")]),
+    );
+    o.in_sync().await;
+    both("a changed sni", echoed("db", &renamed), |side| {
+        s.route(db_binds[side])
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn envoy_and_ferry_refuse_the_same_wrong_server_identities() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let evil = o.pki.leaf("evil");
+    let db_dc2 = o
+        .pki
+        .ca
+        .leaf("db", "dc2", Duration::from_secs(3600))
+        .expect("dc2 leaf");
+    // Another CA with the same trust domain: db's very SPIFFE ID, but a
+    // chain that does not lead to the roots.
+    let impostor = Pki::with_trust_domain(o.pki.trust_domain()).leaf("db");
+    // Every server trusts our CA for client certificates; only what it
+    // presents differs.
+    let s = Servers::start(
+        &o.pki,
+        vec![
+            ("db", &db),
+            ("evil", &evil),
+            ("db-in-dc2", &db_dc2),
+            ("impostor", &impostor),
+        ],
+    )
+    .await;
+    let sni = o.sni("db", "dc1");
+    let cluster = |san: &str| o.cluster(DB_CLUSTER, &sni, &[o.pki.uri(san)]);
+    o.ads.set(CDS, DB_CLUSTER, cluster("db"));
+    let only = |name: &str| ads::cla(DB_CLUSTER, &[(0, s.addr(name), ads::HEALTHY)]);
+    o.ads.set(EDS, DB_CLUSTER, only("db"));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+
+    // (the endpoint, the SAN the cluster expects, what happens)
+    let steps = [
+        ("db", "db", echoed("db", &sni)),
+        ("evil", "db", refused_at(&["evil"])),
+        ("impostor", "db", refused_at(&["impostor"])),
+        ("db-in-dc2", "db", refused_at(&["db-in-dc2"])),
+        ("db", "payments", refused_at(&["db"])),
+        ("db", "db", echoed("db", &sni)),
+    ];
+    for (endpoint, san, want) in steps {
+        o.ads.set(CDS, DB_CLUSTER, cluster(san));
+        o.ads.set(EDS, DB_CLUSTER, only(endpoint));
+        o.in_sync().await;
+        let step = format!("server {endpoint}, cluster expects {san}");
+        both(&step, want, |side| s.route(binds[side])).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failover_leg_checks_its_own_identity_in_envoy_and_ferry() {
+    // Leg 0 expects db in dc1, leg 1 db in dc2; a server presenting the
+    // other leg's identity is refused, and a refusal does not fail over.
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let db_dc2 = o
+        .pki
+        .ca
+        .leaf("db", "dc2", Duration::from_secs(3600))
+        .expect("dc2 leaf");
+    let s = Servers::start(&o.pki, vec![("db", &db), ("db-in-dc2", &db_dc2)]).await;
+    let legs = [
+        format!("failover-target~0~{DB_CLUSTER}"),
+        format!("failover-target~1~{DB_CLUSTER}"),
+    ];
+    let (sni1, sni2) = (o.sni("db", "dc1"), o.sni("db", "dc2"));
+    o.ads
+        .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));
+    o.ads.set(
+        CDS,
+        &legs[0],
+        o.cluster(&legs[0], &sni1, &[o.pki.ca.spiffe_uri("dc1", "db")]),
+    );
+    o.ads.set(
+        CDS,
+        &legs[1],
+        o.cluster(&legs[1], &sni2, &[o.pki.ca.spiffe_uri("dc2", "db")]),
+    );
+    let (dc1, dc2) = (s.addr("db"), s.addr("db-in-dc2"));
+    let up = ads::HEALTHY;
+    o.ads
+        .set(EDS, &legs[0], ads::cla(&legs[0], &[(0, dc2, up)]));
+    o.ads
+        .set(EDS, &legs[1], ads::cla(&legs[1], &[(0, dc1, up)]));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+    both(
+        "leg 0's endpoint presents dc2's identity",
+        refused_at(&["db-in-dc2"]),
+        |side| s.route(binds[side]),
+    )
+    .await;
+    o.ads.set(EDS, &legs[0], ads::cla(&legs[0], &[]));
+    o.in_sync().await;
+    both(
+        "leg 1's endpoint presents dc1's identity",
+        refused_at(&["db"]),
+        |side| s.route(binds[side]),
+    )
+    .await;
+    o.ads
+        .set(EDS, &legs[1], ads::cla(&legs[1], &[(0, dc2, up)]));
+    o.in_sync().await;
+    both(
+        "leg 1's endpoint presents its own identity",
+        echoed("db-in-dc2", &sni2),
+        |side| s.route(binds[side]),
+    )
+    .await;
+}
+
+/// Where Envoy's defaults differ from ferry when a server leaves out what
+/// Consul always sends (`tests/envoy/README.md`, differences 12 and 13):
+/// ferry ignores `policy.overprovisioning_factor` and
+/// `common_lb_config.healthy_panic_threshold` and always behaves as
+/// Consul's values make Envoy behave.
+#[tokio::test]
+async fn without_consuls_lb_settings_envoy_spills_and_panics_where_ferry_stays_strict() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("p0", &db), ("p0-down", &db), ("p1", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    let mut c: Cluster = prost::Message::decode(
+        o.cluster(DB_CLUSTER, &sni, &[o.pki.uri("db")])
+            .value
+            .as_slice(),
+    )
+    .expect("decode");
+    c.common_lb_config = None; // Envoy's default panic threshold, 50%
+    o.ads.set(CDS, DB_CLUSTER, ads::any(&c));
+    let (up, down) = (ads::HEALTHY, ads::UNHEALTHY);
+    let hosts = [
+        (0, s.addr("p0"), up),
+        (0, s.addr("p0-down"), down),
+        (1, s.addr("p1"), up),
+    ];
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla_default_overprovisioning(DB_CLUSTER, &hosts),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+
+    // Half of priority 0 healthy at 140%: Envoy sends about 30% of
+    // connections to priority 1 (at random); ferry sends none.
+    converge(
+        "Envoy to spill a connection to priority 1",
+        &true,
+        || async { s.route(binds[1]).await == echoed("p1", &sni) },
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(s.route(binds[0]).await, echoed("p0", &sni), "ferry");
+    }
+
+    // Every host unhealthy, panic threshold 50%: Envoy's panic mode uses
+    // the unhealthy host; ferry refuses without trying.
+    let hosts = [(0, s.addr("p0-down"), down)];
+    o.ads.set(EDS, DB_CLUSTER, ads::cla(DB_CLUSTER, &hosts));
+    o.in_sync().await;
+    converge("Envoy in panic mode", &echoed("p0-down", &sni), || {
+        s.route(binds[1])
+    })
+    .await;
+    converge("ferry", &refused_at(&[]), || s.route(binds[0])).await;
+}
