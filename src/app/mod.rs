@@ -115,18 +115,19 @@ pub struct Running {
 /// upstream deadline, so callers (and tests using port 0) can connect at
 /// once and `/ready` turns 200 only when everything serves. `policy` times everything that talks to the agent.
 pub async fn start(config: Config, policy: WatchPolicy) -> Result<Running, StartError> {
-    start_with(config, policy, Shutdown::new(), None).await
+    start_with(config, policy, Shutdown::new(), Arc::default(), None).await
 }
 
-/// [`start`], on `shutdown`, with everything from `feeds` when a control
-/// plane configures the whole proxy.
+/// [`start`], on `shutdown`, counting in `metrics` (which a control-plane
+/// source may already count in), with everything from `feeds` when a
+/// control plane configures the whole proxy.
 pub(crate) async fn start_with(
     mut config: Config,
     policy: WatchPolicy,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
     feeds: Option<Feeds>,
 ) -> Result<Running, StartError> {
-    let metrics = Arc::new(Metrics::default());
     let on_error = shutdown.abort_on_drop();
     let client = match &config.agent {
         Some(a) => Some(AgentClient::new(a)?.with_metrics(metrics.clone())),

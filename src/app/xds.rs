@@ -12,6 +12,7 @@ use crate::control::agent::WatchPolicy;
 use crate::control::xds::bootstrap::Bootstrap;
 use crate::control::xds::{self, Applied, Backoff};
 use crate::control::{Publisher, Receiver};
+use crate::ops::metrics::Metrics;
 
 /// Starts a proxy configured over xDS from `boot`; `config` carries
 /// ferry's own operational settings (see
@@ -30,6 +31,7 @@ pub async fn start(
     }
     let shutdown = Shutdown::new();
     let on_error = shutdown.abort_on_drop();
+    let metrics = Arc::new(Metrics::default());
     let applied = Arc::new(Publisher::<Applied>::new());
     let mut rx = applied.subscribe();
     tracing::info!(node = %boot.node_id, agent = ?boot.agent, "waiting for the configuration from the agent's xDS server");
@@ -38,11 +40,19 @@ pub async fn start(
         applied,
         backoff,
         shutdown.halt.clone(),
+        metrics.clone(),
     ));
     let first = rx.ready().await.ok_or(StartError::Cancelled)?;
     let feeds = split(rx, &first, &shutdown);
     on_error.disarm();
-    let running = start_with(config, WatchPolicy::default(), shutdown, Some(feeds)).await?;
+    let running = start_with(
+        config,
+        WatchPolicy::default(),
+        shutdown,
+        metrics,
+        Some(feeds),
+    )
+    .await?;
     if let Some(addr) = boot.prometheus {
         serve_metrics(addr, &running)?;
     }

@@ -97,6 +97,15 @@ fn side_index(side: &str) -> usize {
     usize::from(side != "server")
 }
 
+/// Labels for an xDS response ferry answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsLabel {
+    /// `cluster`, `endpoints`, `listener`, `secret` or `unknown`.
+    pub resource: &'static str,
+    /// `ack` (applied) or `nack` (refused whole).
+    pub result: &'static str,
+}
+
 /// Labels for agent request errors.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
@@ -265,6 +274,12 @@ pub struct Metrics {
     pub upstream_instances: LabeledGauge<UpstreamLabel>,
     /// Failed agent requests, by endpoint.
     pub agent_errors: Labeled<EndpointLabel>,
+    /// xDS mode: 1 while the stream to the agent delivers, else 0.
+    pub xds_connected: Gauge,
+    /// xDS mode: streams that ended or could not be opened.
+    pub xds_stream_failures: Counter,
+    /// xDS mode: responses ACKed and NACKed, by resource type.
+    pub xds_updates: Family<XdsLabel, Counter>,
     /// End of the current leaf's validity, Unix seconds.
     pub leaf_expiry: Gauge,
     /// Certificate sets put in use after the first.
@@ -342,6 +357,9 @@ impl Metrics {
             upstream_bytes_in: Labeled::default(),
             upstream_instances: LabeledGauge::default(),
             agent_errors: Labeled::default(),
+            xds_connected: Gauge::default(),
+            xds_stream_failures: Counter::default(),
+            xds_updates: Family::default(),
             leaf_expiry: Gauge::default(),
             rotations: Counter::default(),
             handshakes: [
@@ -468,6 +486,21 @@ impl Metrics {
             m.agent_errors.family.clone(),
         );
         r.register(
+            "xds_connected",
+            "xDS mode: 1 while the stream to the agent's xDS server delivers, else 0",
+            m.xds_connected.clone(),
+        );
+        r.register(
+            "xds_stream_failures",
+            "xDS mode: streams to the agent that ended or could not be opened",
+            m.xds_stream_failures.clone(),
+        );
+        r.register(
+            "xds_updates",
+            "xDS mode: responses applied (ack) or refused whole (nack), by resource type",
+            m.xds_updates.clone(),
+        );
+        r.register(
             "leaf_expiry_timestamp_seconds",
             "When the current leaf certificate expires (Unix time)",
             m.leaf_expiry.clone(),
@@ -528,6 +561,13 @@ impl Metrics {
                 path: path.to_string(),
                 code,
             })
+            .inc();
+    }
+
+    /// Counts one xDS response answered with `result` (`ack`, `nack`).
+    pub fn xds_update(&self, resource: &'static str, result: &'static str) {
+        self.xds_updates
+            .get_or_create(&XdsLabel { resource, result })
             .inc();
     }
 

@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
@@ -124,6 +126,103 @@ async fn default_sidecar_through_the_binary_serves_the_public_listener_and_acks(
         !lines.iter().any(|l| l.contains("a-secret-token")),
         "the token is never logged"
     );
+}
+
+/// What answers on the agent's port when the agent is gone: something
+/// that is not HTTP/2 at all, counting the connections it gets.
+async fn garbage_on(addr: SocketAddr) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    let listener = within("the agent's port to be free", async {
+        loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => return l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            use tokio::io::AsyncWriteExt;
+            let _ = c
+                .write_all(b"HTTP/1.0 500 nope\r\n\r\n\x00\xff\xfe garbage")
+                .await;
+        }
+    });
+    (task, accepted)
+}
+
+#[tokio::test]
+async fn garbage_on_the_agents_socket_keeps_the_last_good_state_and_logs_the_outage_once() {
+    let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
+    let path = s.bootstrap.display().to_string();
+    let mut ferry = FerryProcess::start(&["envoy", "-c", &path, "-l", "info"]);
+    ferry.line("inbound listener ready").await;
+    let api = s.pki.leaf("api");
+    let mut held = mesh_conn(s.public, &api).await;
+    echo_once(&mut held, b"before the agent goes").await;
+
+    s.ads.stop().await;
+    let (garbage, accepted) = garbage_on(s.ads.addr).await;
+    eventually("ferry to retry against the garbage three times", || {
+        accepted.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    echo_once(&mut held, b"an open connection carries on").await;
+    assert!(
+        !refused(&mesh_echo(s.public, &api).await),
+        "new connections are served on the last good state"
+    );
+
+    garbage.abort();
+    let _ = garbage.await;
+    s.ads.restart().await;
+    // ferry resumes with the versions it holds, so the server has nothing
+    // to send until something changes; the stream counts as open again at
+    // its first response.
+    s.set_public(
+        &s.inline(&s.web),
+        &Intentions::DefaultAllow(vec!["api".into()]),
+    );
+    until("a change after the agent is back applies", || async {
+        refused(&mesh_echo(s.public, &api).await)
+    })
+    .await;
+    ferry.line("xDS stream open again").await;
+    let attempts = accepted.load(Ordering::SeqCst);
+    let lines = ferry.stop();
+    let down: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("xDS stream down"))
+        .collect();
+    // One outage, one warning, however many attempts met the garbage.
+    assert_eq!(down.len(), 1, "{attempts} attempts: {down:#?}");
+    let up = lines
+        .iter()
+        .filter(|l| l.contains("xDS stream open again"))
+        .count();
+    assert_eq!(up, 1, "{lines:#?}");
+    let back = ferry_line(&lines, "xDS stream open again");
+    let failures: usize = field(back, "failures").parse().expect("failures=N");
+    assert!(failures >= attempts, "{back}: every attempt counted");
+}
+
+fn ferry_line<'a>(lines: &'a [String], needle: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.contains(needle))
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+/// The value of `name=` in a text log line.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    line.split(&format!(" {name}="))
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -454,6 +553,16 @@ async fn a_bad_resource_is_nacked_with_a_reason_and_the_last_good_state_serves()
     let fresh = mesh_conn(addr, &api).await;
     assert_eq!(serial(&fresh), serial(&c), "still the last good leaf");
     assert!(!refused(&mesh_echo(addr, &api).await));
+    // Each answer is counted by type and result.
+    let text = ferry.metrics.render();
+    for series in [
+        r#"ferry_xds_updates_total{resource="listener",result="nack"}"#,
+        r#"ferry_xds_updates_total{resource="unknown",result="nack"}"#,
+        r#"ferry_xds_updates_total{resource="cluster",result="nack"}"#,
+        r#"ferry_xds_updates_total{resource="cluster",result="ack"}"#,
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -490,6 +599,13 @@ async fn after_an_agent_restart_ferry_reconnects_resumes_with_versions_and_appli
     let mut buf = [0u8; 4];
     let n = within("the held connection to close", held.read(&mut buf)).await;
     assert!(matches!(n, Ok(0) | Err(_)));
+    let m = &ferry.metrics;
+    assert!(
+        m.xds_stream_failures.get() >= 1,
+        "the restart ended a stream"
+    );
+    assert_eq!(m.xds_connected.get(), 1, "delivering again");
+    assert!(m.render().contains("ferry_xds_connected 1"));
 }
 
 #[tokio::test]

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::RbacChain;
 use crate::control::{ListenerSet, Publisher};
 use crate::identity::tls::{Credentials, PemBundle};
+use crate::ops::metrics::Metrics;
 
 pub mod bootstrap;
 pub mod client;
@@ -86,6 +87,17 @@ fn jitter(n: u64) -> u64 {
     h.finish() % n.max(1)
 }
 
+/// A type URL as the `resource` label of `ferry_xds_updates`.
+fn resource_name(url: &str) -> &'static str {
+    match type_index(url) {
+        Some(0) => "cluster",
+        Some(1) => "endpoints",
+        Some(2) => "listener",
+        Some(3) => "secret",
+        _ => "unknown",
+    }
+}
+
 /// Which of the four types a URL is.
 fn type_index(url: &str) -> Option<usize> {
     [CDS, EDS, LDS, SDS].iter().position(|t| *t == url)
@@ -109,6 +121,54 @@ struct Subscriptions {
     sds: Option<BTreeSet<String>>,
 }
 
+/// The stream's health, for one log line per change of state: a warning
+/// when it goes down, a line when it delivers again. The failures between
+/// (an agent restarting answers refused, then garbage, then cancelled...)
+/// are counted in `ferry_xds_stream_failures` and logged at debug level.
+#[derive(Default)]
+struct Link {
+    /// Set from the first failure until a response arrives again.
+    outage: Option<Outage>,
+}
+
+struct Outage {
+    since: std::time::Instant,
+    failures: u64,
+    last_error: String,
+}
+
+impl Link {
+    fn failed(&mut self, error: &StreamError, metrics: &Metrics) {
+        metrics.xds_stream_failures.inc();
+        metrics.xds_connected.set(0);
+        let text = error.to_string();
+        match &mut self.outage {
+            Some(o) => {
+                o.failures += 1;
+                tracing::debug!(error = %text, failures = o.failures, "xDS stream still down");
+                o.last_error = text;
+            }
+            None => {
+                tracing::warn!(error = %text,
+                    "xDS stream down; serving the last applied configuration and reconnecting");
+                self.outage = Some(Outage {
+                    since: std::time::Instant::now(),
+                    failures: 1,
+                    last_error: text,
+                });
+            }
+        }
+    }
+
+    fn delivered(&mut self, metrics: &Metrics) {
+        metrics.xds_connected.set(1);
+        if let Some(o) = self.outage.take() {
+            tracing::info!(down_for = ?o.since.elapsed(), failures = o.failures,
+                last_error = %o.last_error, "xDS stream open again");
+        }
+    }
+}
+
 /// Runs the source until `halt`: publishes every complete configuration
 /// to `out`.
 pub async fn run(
@@ -116,6 +176,7 @@ pub async fn run(
     out: Arc<Publisher<Applied>>,
     backoff: Backoff,
     halt: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     let mut state = State {
         held: Held::default(),
@@ -124,17 +185,13 @@ pub async fn run(
         last_note: String::new(),
     };
     let mut delay = backoff.first;
-    let mut last_error = String::new();
+    let mut link = Link::default();
     loop {
         let r = tokio::select! {
-            r = session(&boot, &out, &mut state, &mut delay, backoff.first, &mut last_error) => r,
+            r = session(&boot, &out, &mut state, &mut delay, backoff.first, &mut link, &metrics) => r,
             _ = halt.cancelled() => return,
         };
-        let text = r.to_string();
-        if text != last_error {
-            tracing::warn!(error = %text, "xDS stream down; serving the last applied configuration and reconnecting");
-            last_error = text;
-        }
+        link.failed(&r, &metrics);
         let wait = delay + Duration::from_millis(jitter(delay.as_millis() as u64 / 2 + 1));
         delay = (delay * 2).min(backoff.max);
         tokio::select! {
@@ -198,7 +255,8 @@ async fn session(
     state: &mut State,
     delay: &mut Duration,
     first_delay: Duration,
-    last_error: &mut String,
+    link: &mut Link,
+    metrics: &Metrics,
 ) -> StreamError {
     let channel = match client::channel(
         &boot.agent,
@@ -228,12 +286,15 @@ async fn session(
             Ok(r) => r,
             Err(e) => return e,
         };
-        if !last_error.is_empty() {
-            tracing::info!("xDS stream open again");
-            last_error.clear();
-        }
+        link.delivered(metrics);
         *delay = first_delay;
         let reply = apply(boot, out, state, &response);
+        let result = if reply.error_detail.is_some() {
+            "nack"
+        } else {
+            "ack"
+        };
+        metrics.xds_update(resource_name(&response.type_url), result);
         if let Err(e) = stream.send(reply).await {
             return e;
         }

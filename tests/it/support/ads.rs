@@ -241,15 +241,21 @@ impl Ads {
         });
     }
 
-    /// Ends every stream and the listener, then serves again on the same
-    /// port with the same resources (a restarted agent).
-    pub async fn restart(&self) {
+    /// Stops serving: ends every stream and frees the port (the agent
+    /// going away); [`Ads::restart`] brings it back on the same port.
+    pub async fn stop(&self) {
         let old = std::mem::replace(&mut *self.kill.lock().unwrap(), CancellationToken::new());
         old.cancel();
         eventually("old streams to end", || {
             self.inner.lock().unwrap().open.is_empty()
         })
         .await;
+    }
+
+    /// Ends every stream and the listener, then serves again on the same
+    /// port with the same resources (a restarted agent).
+    pub async fn restart(&self) {
+        self.stop().await;
         let mut listener = None;
         for _ in 0..200 {
             match tokio::net::TcpListener::bind(self.addr).await {
