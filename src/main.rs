@@ -25,14 +25,7 @@ fn main() -> ExitCode {
     }
     let cli = match cli::parse(argv) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS // --help, --version
-            };
-        }
+        Err(e) => return cli::exit_for(&e),
     };
     match cli.command {
         Some(Command::Certs(args)) => certs(args),

@@ -19,14 +19,7 @@ fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let envoy = match EnvoyArgs::parse_from_args(args) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return cli::exit_for(&e),
     };
     let Some(level) = envoy.level() else {
         eprintln!(

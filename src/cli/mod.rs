@@ -385,6 +385,17 @@ pub fn log_level(s: &str) -> Option<LevelFilter> {
 /// linkerd's proxy uses.
 pub const EXIT_USAGE: u8 = 64;
 
+/// Prints a parse error (or the `--help`/`--version` text clap returns as
+/// one) and gives the exit code: [`EXIT_USAGE`], or success for help.
+pub fn exit_for(e: &clap::Error) -> std::process::ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        std::process::ExitCode::from(EXIT_USAGE)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
 /// Parses the process arguments, accepting Go-style flags.
 pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
 where

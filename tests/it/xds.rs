@@ -330,14 +330,15 @@ async fn an_rbac_change_closes_only_the_connections_it_now_denies() {
 const DB_CLUSTER: &str = "db.default.dc1.internal.test";
 
 /// Adds upstream `db` on a free port → `cluster` with `hosts`; returns the bind.
-async fn add_db(
+/// `DB_CLUSTER` in Consul's shape (SNI for `sni_svc`, SAN of `san_svc`)
+/// with endpoints `hosts`.
+fn set_db(
     s: &Sidecar,
     sni_svc: &str,
     san_svc: &str,
     opts: &ClusterOpts,
     hosts: &[(u32, SocketAddr, i32)],
-) -> SocketAddr {
-    let bind = dead_addr().await;
+) {
     s.ads.set(
         CDS,
         DB_CLUSTER,
@@ -350,6 +351,18 @@ async fn add_db(
         ),
     );
     s.ads.set(EDS, DB_CLUSTER, ads::cla(DB_CLUSTER, hosts));
+}
+
+/// [`set_db`] behind upstream listener `db` on a free port, its address.
+async fn add_db(
+    s: &Sidecar,
+    sni_svc: &str,
+    san_svc: &str,
+    opts: &ClusterOpts,
+    hosts: &[(u32, SocketAddr, i32)],
+) -> SocketAddr {
+    let bind = dead_addr().await;
+    set_db(s, sni_svc, san_svc, opts, hosts);
     let (name, l) = ads::upstream_listener("db", bind, DB_CLUSTER);
     s.ads.set(LDS, &name, l);
     bind
@@ -391,22 +404,8 @@ async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_change
     echo_once(&mut held, b"still held").await;
 
     // The cluster's SAN matcher names another service: db's cert is refused.
-    s.ads.set(
-        CDS,
-        DB_CLUSTER,
-        ads::eds_cluster(
-            DB_CLUSTER,
-            &s.sni("db"),
-            &[s.uri("payments")],
-            &s.inline(&s.web),
-            &ClusterOpts::default(),
-        ),
-    );
-    s.ads.set(
-        EDS,
-        DB_CLUSTER,
-        ads::cla(DB_CLUSTER, &[(0, two.addr, ads::HEALTHY)]),
-    );
+    let one_host = [(0, two.addr, ads::HEALTHY)];
+    set_db(&s, "db", "payments", &ClusterOpts::default(), &one_host);
     until("a wrong server identity is refused", || async {
         refused(&plain_echo(bind).await)
     })
@@ -1021,22 +1020,8 @@ async fn envoy_serves_the_same_pipe_shapes() {
     e.ads
         .set(CDS, "local_app", ads::local_app_on_pipe(&app_sock));
     let db = TlsEchoServer::start(&e.pki, &e.pki.leaf("db")).await;
-    e.ads.set(
-        CDS,
-        DB_CLUSTER,
-        ads::eds_cluster(
-            DB_CLUSTER,
-            &e.sni("db"),
-            &[e.uri("db")],
-            &e.inline(&e.web),
-            &ClusterOpts::default(),
-        ),
-    );
-    e.ads.set(
-        EDS,
-        DB_CLUSTER,
-        ads::cla(DB_CLUSTER, &[(0, db.addr, ads::HEALTHY)]),
-    );
+    let one_host = [(0, db.addr, ads::HEALTHY)];
+    set_db(&e, "db", "db", &ClusterOpts::default(), &one_host);
     let sock = socket_path(&e, "db.sock");
     let (name, l) = ads::upstream_listener_on_pipe("db", &sock, 0o640, DB_CLUSTER);
     e.ads.set(LDS, &name, l);

@@ -892,10 +892,14 @@ pub fn public_listener(
 
 /// `listeners/defaults.latest.golden`'s upstream listener `db:127.0.0.1:9191`.
 pub fn upstream_listener(id: &str, bind: SocketAddr, cluster: &str) -> (String, Any) {
-    let name = format!("{id}:{bind}");
+    outbound(format!("{id}:{bind}"), sock(bind), id, cluster)
+}
+
+/// An upstream listener `name` at `address`: `tcp_proxy` to `cluster`.
+fn outbound(name: String, address: Option<Address>, id: &str, cluster: &str) -> (String, Any) {
     let l = Listener {
         name: name.clone(),
-        address: sock(bind),
+        address,
         traffic_direction: 2, // OUTBOUND
         filter_chains: vec![FilterChain {
             filters: vec![tcp_proxy(
@@ -913,21 +917,12 @@ pub fn upstream_listener(id: &str, bind: SocketAddr, cluster: &str) -> (String, 
 /// with `local_bind_socket_path` listens on a `pipe` (path and numeric
 /// mode) and is named `<id>:<path>`.
 pub fn upstream_listener_on_pipe(id: &str, path: &Path, mode: u32, cluster: &str) -> (String, Any) {
-    let name = format!("{id}:{}", path.display());
-    let l = Listener {
-        name: name.clone(),
-        address: pipe(path, mode),
-        traffic_direction: 2, // OUTBOUND
-        filter_chains: vec![FilterChain {
-            filters: vec![tcp_proxy(
-                cluster,
-                &format!("upstream.{id}.default.default.dc1"),
-            )],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    (name, any(&l))
+    outbound(
+        format!("{id}:{}", path.display()),
+        pipe(path, mode),
+        id,
+        cluster,
+    )
 }
 
 /// `clusters/defaults.latest.golden`'s `local_app`: STATIC, one host.
