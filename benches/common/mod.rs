@@ -65,7 +65,7 @@ pub fn mesh() -> Mesh {
     let sni = SpiffeId::service(TRUST_DOMAIN, DATACENTER, SERVER_SERVICE).sni();
     Mesh {
         client: web
-            .client_config(SERVER_SERVICE, ([127, 0, 0, 1], 21000).into())
+            .client_config(SERVER_SERVICE, ([127, 0, 0, 1], 21000).into(), None)
             .expect("a client config for api"),
         server: api.server_config(),
         server_name: ServerName::try_from(sni).expect("Consul's SNI is a DNS name"),

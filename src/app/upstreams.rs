@@ -361,7 +361,7 @@ async fn follow_instances(
         if let Some(all) = next {
             let mine = all.get(&name).cloned().unwrap_or_default();
             if current.as_ref() != Some(&mine) {
-                balancer.set_instances(mine.clone());
+                balancer.set_targets(mine.clone());
                 current = Some(mine);
             }
         }

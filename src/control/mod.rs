@@ -32,11 +32,10 @@ pub mod agent;
 #[cfg(feature = "xds")]
 pub mod xds;
 
-/// Each upstream's instances, by upstream name, with the TLS server name
-/// (SNI) to send each: what a control plane that pushes endpoints (xDS)
-/// hands the upstream listeners.
-pub type Instances =
-    std::collections::BTreeMap<String, Vec<(SocketAddr, rustls::pki_types::ServerName<'static>)>>;
+/// Each upstream's instances, by upstream name, each with the TLS server
+/// name (SNI) to send, its failover tier and identity: what a control plane
+/// that pushes endpoints (xDS) hands the upstream listeners.
+pub type Instances = std::collections::BTreeMap<String, Vec<crate::proxy::balancer::Target>>;
 
 /// What the proxy should serve: its identity, public listener, local app
 /// and upstreams. A registration (agent mode) describes it today, a

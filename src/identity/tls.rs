@@ -115,7 +115,7 @@ pub struct Credentials {
     /// built on first use and kept for its session tickets (see
     /// [`crate::identity::tickets`]). Nested so a lookup allocates no key. std lock: a
     /// lookup.
-    clients: Mutex<HashMap<String, HashMap<SocketAddr, Arc<ClientConfig>>>>,
+    clients: Mutex<HashMap<String, HashMap<ClientKey, Arc<ClientConfig>>>>,
     /// Per upstream, the exact SPIFFE URIs a server may present instead of
     /// "that upstream's name in our trust domain" (xDS: the cluster's SAN
     /// matcher). Empty in flag and agent mode.
@@ -261,20 +261,24 @@ impl Credentials {
     }
 
     /// The config for dialing `instance` of `upstream`, which verifies that
-    /// the server is that service in our trust domain and keeps the
-    /// instance's session tickets.
+    /// the server is that service in our trust domain (or, with `identity`,
+    /// one of those exact URIs: an instance with its own, such as an
+    /// aggregate cluster's leg) and keeps the instance's session tickets.
     pub fn client_config(
         &self,
         upstream: &str,
         instance: SocketAddr,
+        identity: Option<&Arc<[String]>>,
     ) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (instance, identity.cloned());
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(upstream).and_then(|i| i.get(&instance)) {
+        if let Some(c) = clients.get(upstream).and_then(|i| i.get(&key)) {
             return Ok(c.clone());
         }
-        let expected = match self.expected.get(upstream) {
-            Some(uris) => Expected::Exact(uris.clone()),
-            None => Expected::Service(SpiffeId {
+        let expected = match (identity, self.expected.get(upstream)) {
+            (Some(uris), _) => Expected::Exact(uris.to_vec()),
+            (None, Some(uris)) => Expected::Exact(uris.clone()),
+            (None, None) => Expected::Service(SpiffeId {
                 service: upstream.to_string(),
                 ..self.identity.id.clone()
             }),
@@ -282,14 +286,17 @@ impl Credentials {
         let config = client_config(&self.provider, &self.roots, &self.certified, expected)?;
         let instances = clients.entry(upstream.to_string()).or_default();
         if instances.len() >= MAX_CLIENT_CONFIGS {
-            if let Some(old) = instances.keys().next().copied() {
+            if let Some(old) = instances.keys().next().cloned() {
                 instances.remove(&old);
             }
         }
-        instances.insert(instance, config.clone());
+        instances.insert(key, config.clone());
         Ok(config)
     }
 }
+
+/// A client config per instance address and identity it is checked for.
+type ClientKey = (SocketAddr, Option<Arc<[String]>>);
 
 pub(super) fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())

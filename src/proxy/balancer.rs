@@ -13,6 +13,14 @@
 //! success). Ejected instances are still returned, last, as candidates of
 //! last resort: if every instance is ejected we would rather try one than
 //! refuse the connection outright.
+//!
+//! Failover tiers (xDS: endpoint priorities, then an aggregate cluster's
+//! legs): the lowest tier with an instance that is not ejected serves, and
+//! retries stay in it, as Envoy's priority load does with Consul's
+//! settings. So a datacenter whose instances all keep failing hands over to
+//! the next before its health checks say so, and takes the traffic back
+//! once an ejection expires and a connection succeeds. Agent-mode
+//! instances are all tier 0.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +39,21 @@ pub struct EjectionPolicy {
     pub duration: Duration,
 }
 
+/// Where to dial one instance and whom to expect there, as a control
+/// plane that pushes endpoints (xDS) describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The TLS server name to send (Consul's SNI).
+    pub server_name: ServerName<'static>,
+    /// The failover tier: 0 first (see the module's doc).
+    pub tier: u32,
+    /// The SPIFFE URIs this instance may present (any one of them), when
+    /// they are its own (an aggregate cluster's leg); `None`: its
+    /// upstream's.
+    pub identity: Option<Arc<[String]>>,
+}
+
 /// One instance of an upstream service, with its passive health.
 #[derive(Debug)]
 pub struct Instance {
@@ -39,6 +62,10 @@ pub struct Instance {
     /// The TLS server name to send (Consul's SNI), or the IP when the SNI is
     /// not a valid DNS name (then no SNI is sent).
     pub server_name: ServerName<'static>,
+    /// The failover tier.
+    pub tier: u32,
+    /// The identities this instance may present, if not its upstream's.
+    pub identity: Option<Arc<[String]>>,
     failures: AtomicU32,
     /// Milliseconds since the balancer's epoch until which the instance is
     /// skipped; 0 when not ejected.
@@ -109,20 +136,45 @@ impl Balancer {
         let _ = rx.wait_for(|k| *k).await;
     }
 
-    /// Replaces the instance set. Instances that stay (same address) keep
-    /// their failure count and ejection; the lock is held only for the swap.
+    /// Replaces the instance set, all in tier 0 with their upstream's
+    /// identity (agent mode). Instances that stay (same address and server
+    /// name) keep their failure count and ejection.
     pub fn set_instances(&self, targets: Vec<(SocketAddr, ServerName<'static>)>) {
+        self.set_targets(
+            targets
+                .into_iter()
+                .map(|(addr, server_name)| Target {
+                    addr,
+                    server_name,
+                    tier: 0,
+                    identity: None,
+                })
+                .collect(),
+        );
+    }
+
+    /// Replaces the instance set with `targets`. Instances that stay (the
+    /// same target) keep their failure count and ejection; the lock is held
+    /// only for the swap.
+    pub fn set_targets(&self, targets: Vec<Target>) {
         let old = self.snapshot();
         let next: Vec<Arc<Instance>> = targets
             .into_iter()
-            .map(|(addr, server_name)| {
+            .map(|t| {
                 old.iter()
-                    .find(|i| i.addr == addr && i.server_name == server_name)
+                    .find(|i| {
+                        i.addr == t.addr
+                            && i.server_name == t.server_name
+                            && i.tier == t.tier
+                            && i.identity == t.identity
+                    })
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(Instance {
-                            addr,
-                            server_name,
+                            addr: t.addr,
+                            server_name: t.server_name,
+                            tier: t.tier,
+                            identity: t.identity,
                             failures: AtomicU32::new(0),
                             ejected_until: AtomicU64::new(0),
                         })
@@ -148,15 +200,20 @@ impl Balancer {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Up to `max` instances to try, in order: the healthy ones starting at
-    /// the round-robin cursor, then ejected ones as a last resort.
+    /// Up to `max` instances to try, in order: the healthy ones of the
+    /// serving tier starting at the round-robin cursor, then that tier's
+    /// ejected ones as a last resort. With every instance ejected, all of
+    /// them, lowest tier first.
     pub fn candidates(&self, max: usize) -> Vec<Arc<Instance>> {
         let all = self.snapshot();
         let now = self.now_ms();
-        let (healthy, ejected): (Vec<_>, Vec<_>) = all
+        let out_now = |i: &Instance| i.ejected_until.load(Ordering::Relaxed) > now;
+        let serving = all.iter().filter(|i| !out_now(i)).map(|i| i.tier).min();
+        let (healthy, mut ejected): (Vec<_>, Vec<_>) = all
             .iter()
+            .filter(|i| serving.is_none_or(|t| i.tier == t))
             .cloned()
-            .partition(|i| i.ejected_until.load(Ordering::Relaxed) <= now);
+            .partition(|i| !out_now(i));
         let mut out = Vec::with_capacity(max.min(all.len()));
         if !healthy.is_empty() {
             let start = self.cursor.fetch_add(1, Ordering::Relaxed) % healthy.len();
@@ -169,6 +226,7 @@ impl Balancer {
                     .cloned(),
             );
         }
+        ejected.sort_by_key(|i| i.tier);
         out.extend(ejected);
         out.truncate(max);
         out
@@ -296,6 +354,86 @@ mod tests {
         assert_eq!(states.len(), 2);
         assert_eq!(states[0].consecutive_failures, 1);
         assert_eq!(states[1].consecutive_failures, 0);
+    }
+
+    /// `(port, tier)` targets, each leg's identity its own.
+    fn tiered(hosts: &[(u16, u32)], policy: EjectionPolicy) -> Balancer {
+        let b = Balancer::new(policy);
+        b.set_targets(
+            hosts
+                .iter()
+                .map(|(p, tier)| Target {
+                    addr: addr(*p),
+                    server_name: ServerName::try_from(format!("leg{tier}.example")).unwrap(),
+                    tier: *tier,
+                    identity: Some(vec![format!("spiffe://td/leg{tier}")].into()),
+                })
+                .collect(),
+        );
+        b
+    }
+
+    fn ports(c: &[Arc<Instance>]) -> Vec<u16> {
+        c.iter().map(|i| i.addr.port()).collect()
+    }
+
+    fn eject(b: &Balancer, port: u16) {
+        let all = b.snapshot();
+        let i = all.iter().find(|i| i.addr.port() == port).unwrap();
+        while !matches!(b.report_failure(i), Failure::Ejected(_)) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_tier_with_an_instance_not_ejected_serves_alone() {
+        let b = tiered(&[(1, 0), (2, 0), (3, 1), (4, 2)], POLICY);
+        let mut firsts: Vec<u16> = (0..4).map(|_| b.candidates(9)[0].addr.port()).collect();
+        firsts.sort();
+        assert_eq!(firsts, [1, 1, 2, 2], "round robin inside tier 0");
+        assert_eq!(b.candidates(9).len(), 2, "retries stay in the tier");
+
+        eject(&b, 1);
+        assert_eq!(ports(&b.candidates(9)), [2, 1], "a failing instance last");
+        eject(&b, 2);
+        assert_eq!(ports(&b.candidates(9)), [3], "tier 0 out: tier 1 serves");
+        let three = &b.candidates(1)[0];
+        assert_eq!(
+            three.server_name,
+            ServerName::try_from("leg1.example").unwrap()
+        );
+        assert_eq!(
+            three.identity.as_deref(),
+            Some(&["spiffe://td/leg1".to_string()][..])
+        );
+        eject(&b, 3);
+        assert_eq!(ports(&b.candidates(9)), [4]);
+        eject(&b, 4);
+        assert_eq!(
+            ports(&b.candidates(9)),
+            [1, 2, 3, 4],
+            "all out: every instance as a last resort, lowest tier first"
+        );
+
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let mut back = ports(&b.candidates(9));
+        back.sort();
+        assert_eq!(back, [1, 2], "ejections over: tier 0 serves again");
+    }
+
+    #[test]
+    fn a_target_that_changes_tier_or_identity_starts_afresh() {
+        let b = tiered(&[(1, 0)], POLICY);
+        b.report_failure(&b.candidates(1)[0]);
+        b.set_targets(vec![Target {
+            addr: addr(1),
+            server_name: ServerName::try_from("leg0.example").unwrap(),
+            tier: 0,
+            identity: Some(vec!["spiffe://td/other".to_string()].into()),
+        }]);
+        assert_eq!(
+            b.states()[0].consecutive_failures,
+            0,
+            "another instance now"
+        );
     }
 
     #[tokio::test]

@@ -156,13 +156,14 @@ where
             failures.push("overall deadline reached".to_string());
             break;
         }
-        let connector = match credentials.client_config(&ctx.name, inst.addr) {
-            Ok(c) => TlsConnector::from(c),
-            Err(e) => {
-                report.fail(Phase::Pick, e);
-                return report;
-            }
-        };
+        let connector =
+            match credentials.client_config(&ctx.name, inst.addr, inst.identity.as_ref()) {
+                Ok(c) => TlsConnector::from(c),
+                Err(e) => {
+                    report.fail(Phase::Pick, e);
+                    return report;
+                }
+            };
         report.attempts += 1;
         if report.attempts > 1 {
             ctx.m.retries.inc();

@@ -2,6 +2,7 @@
 //! (→ aggregate legs) → endpoints, and the secrets they name.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
@@ -11,6 +12,7 @@ use super::{
 use crate::authz::rbac::RbacChain;
 use crate::config::{Discovery, UpstreamConfig};
 use crate::control::ListenerSet;
+use crate::proxy::balancer::Target;
 
 /// Every resource held, checked, by name.
 #[derive(Debug, Clone, Default)]
@@ -142,16 +144,25 @@ impl Held {
                             "listener {name}: waiting for cluster {cluster}"
                         ));
                     };
-                    // The legs to try, in order: the cluster itself, or an
-                    // aggregate's clusters; the first priority group of the
-                    // first leg that has usable hosts serves.
+                    // The legs in order (the cluster itself, or an
+                    // aggregate's clusters), each leg's priority groups in
+                    // order: one failover tier each, with the leg's SNI and
+                    // identity. The balancer serves from the first tier
+                    // with an instance it has not ejected.
                     let legs: Vec<&String> = match &c.kind {
                         ClusterKind::Aggregate(legs) => legs.iter().collect(),
                         _ => vec![cluster],
                     };
-                    let mut chosen = Vec::new();
+                    let mut chosen: Vec<Target> = Vec::new();
                     let mut sans = Vec::new();
                     let mut first_tls = None;
+                    let mut tier = 0;
+                    // Consul puts outlier detection and circuit breakers on
+                    // an aggregate's legs, not on the aggregate: the first
+                    // leg's stand for the upstream (they come from the same
+                    // upstream settings).
+                    let mut ejection = c.ejection;
+                    let mut max_conns = c.max_conns;
                     for leg in legs {
                         let Some(lc) = self.clusters.get(leg) else {
                             return Assembly::Warming(format!(
@@ -163,20 +174,29 @@ impl Held {
                         };
                         if first_tls.is_none() {
                             first_tls = Some(tls.clone());
+                            ejection = ejection.or(lc.ejection);
+                            max_conns = max_conns.or(lc.max_conns);
                         }
                         let Some(eps) = self.endpoints.get(leg) else {
                             return Assembly::Warming(format!(
                                 "cluster {leg}: waiting for endpoints"
                             ));
                         };
-                        if !chosen.is_empty() {
-                            continue;
-                        }
-                        if let Some(hosts) = eps.0.values().find(|h| !h.is_empty()) {
-                            let sni = ServerName::try_from(tls.sni.clone())
-                                .unwrap_or_else(|_| ServerName::IpAddress(hosts[0].ip().into()));
-                            chosen = hosts.iter().map(|a| (*a, sni.clone())).collect();
-                            sans = tls.sans.clone();
+                        let identity: Arc<[String]> = tls.sans.clone().into();
+                        for hosts in eps.0.values().filter(|h| !h.is_empty()) {
+                            if chosen.is_empty() {
+                                sans = tls.sans.clone();
+                            }
+                            chosen.extend(hosts.iter().map(|a| {
+                                Target {
+                                    addr: *a,
+                                    server_name: ServerName::try_from(tls.sni.clone())
+                                        .unwrap_or_else(|_| ServerName::IpAddress(a.ip().into())),
+                                    tier,
+                                    identity: Some(identity.clone()),
+                                }
+                            }));
+                            tier += 1;
                         }
                     }
                     if pem.is_none() {
@@ -201,8 +221,8 @@ impl Held {
                         bind: bind.clone(),
                         discovery: Discovery::ControlPlane,
                         deadline: c.connect_timeout,
-                        max_conns: c.max_conns,
-                        ejection: c.ejection,
+                        max_conns,
+                        ejection,
                     });
                 }
             }
