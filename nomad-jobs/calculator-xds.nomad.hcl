@@ -11,7 +11,7 @@
 # agent's gRPC address - in bridge mode the unix socket
 # alloc/tmp/consul_grpc.sock - and the service identity token), then starts
 # the sidecar task with Envoy's arguments. Here the task runs a container
-# image holding ferry (`ferry:local`, see README.md) with the same
+# image holding ferry and ferry-envoy (`ferry:local`, see README.md) with the same
 # arguments Nomad gives Envoy, after `envoy`:
 #
 #   -c ${NOMAD_SECRETS_DIR}/envoy_bootstrap.json -l ${meta.connect.log_level}
