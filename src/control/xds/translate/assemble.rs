@@ -112,6 +112,7 @@ impl Held {
                     certs,
                     rbac: r,
                     cluster,
+                    conn_limit,
                 } => {
                     let Some(c) = self.clusters.get(cluster) else {
                         return Assembly::Warming(format!(
@@ -131,9 +132,14 @@ impl Held {
                     // `unix:/path` for a socket, as registration mode spells it.
                     service_addr = app.to_string();
                     local_connect_timeout = c.connect_timeout;
-                    // Consul's `max_inbound_connections`: the local app
-                    // cluster's circuit breaker.
-                    max_inbound_conns = c.max_conns;
+                    // Consul's `max_inbound_connections`, in both places
+                    // it puts it: the local app cluster's circuit breaker
+                    // and the listener's `connection_limit` filter. Envoy
+                    // enforces each; the smaller decides.
+                    max_inbound_conns = match (c.max_conns, *conn_limit) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     rbac = r.clone();
                 }
                 ListenerSpec::Upstream { id, bind, cluster } => {
@@ -265,6 +271,7 @@ mod tests {
                 certs: inline(),
                 rbac: RbacChain::default(),
                 cluster: LOCAL_APP.into(),
+                conn_limit: None,
             },
         );
         held.clusters.insert(
@@ -323,6 +330,29 @@ mod tests {
         assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
         assert!(set.expose.is_empty(), "no exposed paths over xDS");
         assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+
+    #[test]
+    fn the_smaller_of_the_local_app_breaker_and_the_connection_limit_caps_the_public_listener() {
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        let cap = |breaker: Option<usize>, filter: Option<usize>| {
+            let mut held = held(LocalApp::Tcp("127.0.0.1:8080".into()), tcp.clone());
+            held.clusters.get_mut(LOCAL_APP).unwrap().max_conns = breaker;
+            for l in held.listeners.values_mut() {
+                if let ListenerSpec::Public { conn_limit, .. } = l {
+                    *conn_limit = filter;
+                }
+            }
+            let Assembly::Ready(view, _) = held.assemble("web") else {
+                panic!("every reference is held: the view is complete");
+            };
+            view.listeners.max_inbound_conns
+        };
+        assert_eq!(cap(Some(7), Some(3)), Some(3));
+        assert_eq!(cap(Some(2), Some(3)), Some(2));
+        assert_eq!(cap(None, Some(3)), Some(3), "the filter alone");
+        assert_eq!(cap(Some(7), None), Some(7), "the breaker alone");
+        assert_eq!(cap(None, None), None, "ferry's own -max-conns");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
+use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
@@ -45,6 +46,8 @@ const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const CONNECTION_LIMIT: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit";
 const DOWNSTREAM_TLS: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const UPSTREAM_TLS: &str =
@@ -76,6 +79,9 @@ pub enum ListenerSpec {
         certs: Certs,
         rbac: RbacChain,
         cluster: String,
+        /// `connection_limit` filters (Consul's `max_inbound_connections`):
+        /// the smallest of their `max_connections`.
+        conn_limit: Option<usize>,
     },
     /// A plaintext upstream listener → a cluster: on TCP, or on a Unix
     /// socket file (`local_bind_socket_path`, sent as a `pipe`).
@@ -252,6 +258,7 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
     }
     let mut rbac = Vec::new();
     let mut cluster = None;
+    let mut conn_limit: Option<usize> = None;
     for f in &chain.filters {
         let fwhat = format!("{what} filter {}", f.name);
         let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
@@ -262,6 +269,10 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
         }
         match tc.type_url.as_str() {
             RBAC => rbac.push(rbac_filter(&decode(tc, RBAC, &fwhat)?, &fwhat)?),
+            CONNECTION_LIMIT => {
+                let max = connection_limit(&decode(tc, CONNECTION_LIMIT, &fwhat)?, &fwhat)?;
+                conn_limit = Some(conn_limit.map_or(max, |m| m.min(max)));
+            }
             TCP_PROXY => {
                 let t: TcpProxy = decode(tc, TCP_PROXY, &fwhat)?;
                 match t.cluster_specifier {
@@ -304,11 +315,18 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
                 certs,
                 rbac: RbacChain(rbac),
                 cluster,
+                conn_limit,
             }
         }
         None => {
             if !rbac.is_empty() {
                 return refuse(&what, "RBAC on a plaintext listener is not supported");
+            }
+            if conn_limit.is_some() {
+                return refuse(
+                    &what,
+                    "connection_limit on a plaintext listener is not supported (the cluster's circuit breaker caps an upstream)",
+                );
             }
             let bind = match addr {
                 Addr::Ip(a) => BindAddr::Tcp(a),
@@ -322,6 +340,24 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
         }
     };
     Ok((l.name, spec))
+}
+
+/// A `connection_limit` filter's cap. Consul sets only `max_connections`;
+/// a `delay` before closing, or a runtime switch, has no equivalent.
+fn connection_limit(c: &ConnectionLimit, what: &str) -> Result<usize, Refused> {
+    if c.delay
+        .as_ref()
+        .is_some_and(|d| d.seconds != 0 || d.nanos != 0)
+    {
+        return refuse(what, "a delay before closing is not supported");
+    }
+    if c.runtime_enabled.is_some() {
+        return refuse(what, "runtime_enabled is not supported");
+    }
+    match c.max_connections.map(|m| m.value) {
+        Some(n) if n > 0 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        _ => refuse(what, "max_connections must be at least 1"),
+    }
 }
 
 /// `db:127.0.0.1:9191` → `db`, and for a socket (Consul names it
@@ -983,5 +1019,119 @@ mod tests {
             e.0.contains("unix socket address refused: the public listener"),
             "{e}"
         );
+    }
+
+    /// A public listener on TCP with SDS certificates and these filters.
+    fn public_with(filters: Vec<Any>) -> Any {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+        use envoy_types::pb::google::protobuf::BoolValue;
+        let sds = |name: &str| SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let ctx = DownstreamTlsContext {
+            require_client_certificate: Some(BoolValue { value: true }),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        sds("connect-root"),
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let public = listener_with("public_listener:127.0.0.1:9191", tcp(LOCAL_APP));
+        let Ok(mut l) = Listener::decode(public.value.as_slice()) else {
+            panic!("decode");
+        };
+        l.filter_chains[0].filters = filters
+            .into_iter()
+            .map(|a| Filter {
+                name: "f".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(a)),
+            })
+            .collect();
+        l.filter_chains[0].transport_socket = Some(TransportSocket {
+            name: "tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+        });
+        any_of(&l)
+    }
+
+    fn limit(max: u64) -> ConnectionLimit {
+        ConnectionLimit {
+            stat_prefix: "inbound_connection_limit".into(),
+            max_connections: Some(envoy_types::pb::google::protobuf::UInt64Value { value: max }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn consuls_connection_limit_filter_caps_the_public_listener() {
+        // `makeInboundListener` with `max_inbound_connections`: the limit
+        // before tcp_proxy (RBAC, when present, is prepended to both).
+        let l = public_with(vec![any_of(&limit(64)), tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&l).unwrap();
+        assert!(
+            matches!(
+                spec,
+                ListenerSpec::Public {
+                    conn_limit: Some(64),
+                    ..
+                }
+            ),
+            "{spec:?}"
+        );
+        let two = public_with(vec![any_of(&limit(9)), any_of(&limit(4)), tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&two).unwrap();
+        assert!(
+            matches!(
+                spec,
+                ListenerSpec::Public {
+                    conn_limit: Some(4),
+                    ..
+                }
+            ),
+            "the smallest of several: {spec:?}"
+        );
+        let none = public_with(vec![tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&none).unwrap();
+        assert!(matches!(
+            spec,
+            ListenerSpec::Public {
+                conn_limit: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_connection_limit_ferry_cannot_honour_is_refused_with_a_reason() {
+        let mut delayed = limit(8);
+        delayed.delay = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+        let e = listener(&public_with(vec![any_of(&delayed), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("delay"), "{e}");
+        let e = listener(&public_with(vec![any_of(&limit(0)), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("at least 1"), "{e}");
+        let mut switched = limit(8);
+        switched.runtime_enabled = Some(Default::default());
+        let e = listener(&public_with(vec![any_of(&switched), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("runtime_enabled"), "{e}");
+        let upstream = listener_with("db:127.0.0.1:9191", any_of(&limit(8)));
+        let Ok(mut u) = Listener::decode(upstream.value.as_slice()) else {
+            panic!("decode");
+        };
+        u.filter_chains[0].filters.push(Filter {
+            name: "tcp".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(tcp("db.c"))),
+        });
+        let e = listener(&any_of(&u)).unwrap_err();
+        assert!(e.0.contains("plaintext listener"), "{e}");
     }
 }
