@@ -158,12 +158,14 @@ impl Held {
                     let mut chosen = Vec::new();
                     let mut sans = Vec::new();
                     let mut first_tls = None;
+                    let mut first_leg = None;
                     for leg in legs {
                         let Some(lc) = self.clusters.get(leg) else {
                             return Assembly::Warming(format!(
                                 "cluster {cluster}: waiting for leg {leg}"
                             ));
                         };
+                        first_leg.get_or_insert(lc);
                         let Some(tls) = &lc.tls else {
                             return Assembly::Warming(format!("cluster {leg}: no upstream TLS"));
                         };
@@ -202,13 +204,20 @@ impl Held {
                     }
                     instances.insert(id.clone(), chosen);
                     expected.insert(id.clone(), sans);
+                    // Connect timeout, circuit breaker and outlier detection
+                    // are the hosts' cluster's: for an aggregate, its legs'
+                    // (Consul gives every leg the upstream's settings and the
+                    // aggregate none). One set applies to the upstream, the
+                    // first leg's, so that a failover between legs does not
+                    // change the listener's configuration.
+                    let limits = first_leg.unwrap_or(c);
                     upstreams.push(UpstreamConfig {
                         name: id.clone(),
                         bind: bind.clone(),
                         discovery: Discovery::ControlPlane,
-                        deadline: c.connect_timeout,
-                        max_conns: c.max_conns,
-                        ejection: c.ejection,
+                        deadline: limits.connect_timeout,
+                        max_conns: limits.max_conns,
+                        ejection: limits.ejection,
                     });
                 }
             }
@@ -250,6 +259,7 @@ mod tests {
     use super::super::LOCAL_APP;
     use super::*;
     use crate::config::{BindAddr, UnixBind};
+    use crate::proxy::balancer::EjectionPolicy;
     use crate::proxy::net::LocalApp;
 
     fn inline() -> Certs {
@@ -330,6 +340,49 @@ mod tests {
         assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
         assert!(set.expose.is_empty(), "no exposed paths over xDS");
         assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+
+    #[test]
+    fn an_aggregate_upstream_takes_its_first_legs_timeout_breaker_and_ejection() {
+        use std::time::Duration;
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        let mut held = held(LocalApp::Tcp("127.0.0.1:8080".into()), tcp);
+        // `clusters/connect-proxy-with-chain-and-failover`: the aggregate
+        // carries none of the upstream's settings, each leg all of them.
+        let leg = held.clusters["db.c"].clone();
+        let policy = EjectionPolicy {
+            after_failures: 2,
+            duration: Duration::from_secs(45),
+        };
+        let legs = ["failover-target~0~db.c", "failover-target~1~db.c"];
+        for (i, name) in legs.iter().enumerate() {
+            let mut c = leg.clone();
+            c.connect_timeout = Some(Duration::from_secs(2 + i as u64));
+            c.max_conns = Some(5 + i);
+            c.ejection = Some(policy);
+            held.clusters.insert(name.to_string(), c);
+            held.endpoints
+                .insert(name.to_string(), held.endpoints["db.c"].clone());
+        }
+        held.clusters.insert(
+            "db.c".into(),
+            ClusterSpec {
+                kind: ClusterKind::Aggregate(legs.iter().map(|l| l.to_string()).collect()),
+                connect_timeout: Some(Duration::from_secs(5)),
+                max_conns: None,
+                ejection: None,
+                tls: None,
+            },
+        );
+        let Assembly::Ready(view, _) = held.assemble("web") else {
+            panic!("every reference is held: the view is complete");
+        };
+        let [db] = view.listeners.upstreams.as_slice() else {
+            panic!("one upstream: {:?}", view.listeners.upstreams);
+        };
+        assert_eq!(db.deadline, Some(Duration::from_secs(2)));
+        assert_eq!(db.max_conns, Some(5));
+        assert_eq!(db.ejection, Some(policy));
     }
 
     #[test]
