@@ -23,7 +23,8 @@ use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig a
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
+    common_tls_context, secret, CertificateValidationContext, CommonTlsContext,
+    DownstreamTlsContext, Secret, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::Any;
@@ -412,6 +413,27 @@ fn inline(d: &Option<DataSource>, what: &str) -> Result<String, Refused> {
     }
 }
 
+/// The exact SAN URIs a validation context accepts (any one of them).
+fn san_matchers(v: &CertificateValidationContext, what: &str) -> Result<Vec<String>, Refused> {
+    let mut sans = Vec::new();
+    // Deprecated in Envoy, but what released Consul sends.
+    #[allow(deprecated)]
+    let legacy = &v.match_subject_alt_names;
+    for m in legacy {
+        match &m.match_pattern {
+            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => sans.push(s.clone()),
+            _ => return refuse(what, "only exact SAN matchers are supported"),
+        }
+    }
+    for m in &v.match_typed_subject_alt_names {
+        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
+            _ => return refuse(what, "only exact SAN matchers are supported"),
+        }
+    }
+    Ok(sans)
+}
+
 fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
     if let Some(p) = &c.tls_params {
         if !p.cipher_suites.is_empty()
@@ -447,6 +469,27 @@ fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
             leaf: leaf.name.clone(),
             roots: r.name.clone(),
         }),
+        // The one shape with both SDS roots and SAN matchers: the roots
+        // from the secret, the matchers (read by the caller) from the
+        // default context, which must not bring roots of its own.
+        (
+            [],
+            [leaf],
+            Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)),
+        ) => match (
+            &cv.validation_context_sds_secret_config,
+            &cv.default_validation_context,
+        ) {
+            (Some(_), Some(d)) if d.trusted_ca.is_some() => refuse(
+                what,
+                "a combined validation context with roots of its own besides the SDS secret's",
+            ),
+            (Some(r), _) => Ok(Certs::Sds {
+                leaf: leaf.name.clone(),
+                roots: r.name.clone(),
+            }),
+            (None, _) => refuse(what, "a combined validation context without its SDS secret"),
+        },
         _ => refuse(
             what,
             "expected one inline certificate with inline roots, or SDS leaf and roots",
@@ -532,25 +575,14 @@ pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
             let certs = certs(common, &what)?;
             let sans = match &common.validation_context_type {
                 Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
-                    let mut sans = Vec::new();
-                    // Deprecated in Envoy, but what released Consul sends.
-                    #[allow(deprecated)]
-                    let legacy = &v.match_subject_alt_names;
-                    for m in legacy {
-                        match &m.match_pattern {
-                            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => {
-                                sans.push(s.clone())
-                            }
-                            _ => return refuse(&what, "only exact SAN matchers are supported"),
-                        }
+                    san_matchers(v, &what)?
+                }
+                // Roots by SDS, the SAN matchers in the resource.
+                Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)) => {
+                    match &cv.default_validation_context {
+                        Some(v) => san_matchers(v, &what)?,
+                        None => Vec::new(),
                     }
-                    for m in &v.match_typed_subject_alt_names {
-                        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
-                            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
-                            _ => return refuse(&what, "only exact SAN matchers are supported"),
-                        }
-                    }
-                    sans
                 }
                 _ => Vec::new(),
             };
@@ -1133,5 +1165,91 @@ mod tests {
         });
         let e = listener(&any_of(&u)).unwrap_err();
         assert!(e.0.contains("plaintext listener"), "{e}");
+    }
+
+    /// An EDS cluster `db` with this upstream TLS context.
+    fn db_with_tls(common: CommonTlsContext) -> Any {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        let ctx = UpstreamTlsContext {
+            sni: "db.default.dc1.internal.example".into(),
+            common_tls_context: Some(common),
+            ..Default::default()
+        };
+        any_of(&Cluster {
+            name: "db".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            transport_socket: Some(TransportSocket {
+                name: "tls".into(),
+                config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_upstream_cluster_may_take_sds_roots_with_its_san_matchers_in_a_combined_context() {
+        use common_tls_context::{CombinedCertificateValidationContext, ValidationContextType};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+        use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+        let sds = |name: &str| SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let db = "spiffe://example/ns/default/dc/dc1/svc/db";
+        #[allow(deprecated)]
+        let matchers = CertificateValidationContext {
+            match_subject_alt_names: vec![StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(db.into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let combined = |default: Option<CertificateValidationContext>, roots: bool| {
+            db_with_tls(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+                validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: default,
+                        validation_context_sds_secret_config: roots.then(|| sds("connect-root")),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            })
+        };
+        let (_, spec) = cluster(&combined(Some(matchers.clone()), true)).unwrap();
+        let tls = spec.tls.expect("upstream TLS");
+        assert_eq!(tls.sans, vec![db.to_string()]);
+        assert_eq!(
+            tls.certs,
+            Certs::Sds {
+                leaf: "connect-leaf".into(),
+                roots: "connect-root".into()
+            }
+        );
+        // No SAN matcher, however the roots come: ferry will not accept
+        // any server the roots sign.
+        let e = cluster(&combined(None, true)).unwrap_err();
+        assert!(e.0.contains("without a SAN matcher"), "{e}");
+        let sds_roots = db_with_tls(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                sds("connect-root"),
+            )),
+            ..Default::default()
+        });
+        let e = cluster(&sds_roots).unwrap_err();
+        assert!(e.0.contains("without a SAN matcher"), "{e}");
+        let e = cluster(&combined(Some(matchers.clone()), false)).unwrap_err();
+        assert!(e.0.contains("without its SDS secret"), "{e}");
+        let mut own_roots = matchers;
+        own_roots.trusted_ca = Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineString("roots".into())),
+            ..Default::default()
+        });
+        let e = cluster(&combined(Some(own_roots), true)).unwrap_err();
+        assert!(e.0.contains("roots of its own"), "{e}");
     }
 }
