@@ -699,6 +699,7 @@ async fn circuit_breaker_max_connections_caps_an_upstream() {
     let opts = ClusterOpts {
         max_connections: Some(1),
         outlier: Some((3, Duration::from_secs(30))),
+        ..Default::default()
     };
     let bind = add_db(&s, "db", "db", &opts, &[(0, one.addr, ads::HEALTHY)]).await;
     let _ferry = s.start().await;
@@ -765,6 +766,7 @@ async fn outlier_detection_ejects_a_failing_instance() {
     let opts = ClusterOpts {
         max_connections: None,
         outlier: Some((1, Duration::from_secs(60))),
+        ..Default::default()
     };
     let hosts = [(0, dead, ads::HEALTHY), (0, good.addr, ads::HEALTHY)];
     let bind = add_db(&s, "db", "db", &opts, &hosts).await;

@@ -5,9 +5,13 @@
 //! clusters, endpoints and secrets are common. Each test asserts that both
 //! proxies decide the same, and what they decide: the sources allowed and
 //! denied, the endpoints used in failover order, the SNI sent, the
-//! refusals of a wrong server identity. Every step waits until both nodes
+//! refusals of a wrong server identity, the connection caps of an upstream
+//! and of the public listener, the SDS leaf presented and its rotation,
+//! the ejection of a failing instance. Every step waits until both nodes
 //! answered everything the server sent them, and fails on any NACK, so a
-//! resource Envoy silently refused cannot make a test pass.
+//! resource Envoy silently refused cannot make a test pass. Where the two
+//! differ on purpose (`tests/envoy/README.md`), a test asserts each one's
+//! answer, and Envoy's admin stats show which of its mechanisms acted.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -22,8 +26,10 @@ use ferry::identity::dev_ca::Leaf;
 
 use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS};
 use crate::support::{
-    dead_addr, mesh_echo, plain_echo, refused, EchoServer, Pki, TlsEchoServer, DEADLINE, MSG,
+    dead_addr, echo_once, mesh_conn, mesh_echo, plain_echo, refused, EchoServer, Pki,
+    TlsEchoServer, DEADLINE, MSG,
 };
+use tokio::net::TcpStream;
 
 /// The service IDs of the two instances of `web`; their sidecars' node ids
 /// are `<id>-sidecar-proxy`. Index 0 is ferry, 1 is Envoy everywhere below.
@@ -39,24 +45,70 @@ type Hosts = Vec<(u32, SocketAddr, i32)>;
 pub(crate) struct XdsEnvoy {
     child: Child,
     log: PathBuf,
+    /// Where Envoy writes its admin address once it listens.
+    admin_path: PathBuf,
 }
 
 impl XdsEnvoy {
     /// Runs Envoy from `bootstrap`, its log in `dir`.
     pub(crate) fn start(bootstrap: &Path, dir: &Path) -> XdsEnvoy {
         let log = dir.join("envoy.log");
+        let admin_path = dir.join("envoy-admin-address");
         let child = Command::new(crate::support::envoy::binary())
             .arg("-c")
             .arg(bootstrap)
             .args(["-l", "info", "--log-path"])
             .arg(&log)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
             .args(["--concurrency", "1", "--disable-hot-restart"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn envoy");
-        XdsEnvoy { child, log }
+        XdsEnvoy {
+            child,
+            log,
+            admin_path,
+        }
+    }
+
+    /// `GET <admin><path>`, the body.
+    pub(crate) async fn admin(&self, path: &str) -> String {
+        let admin = crate::support::within("Envoy's admin address", async {
+            loop {
+                match std::fs::read_to_string(&self.admin_path) {
+                    Ok(a) if !a.trim().is_empty() => return a.trim().to_string(),
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
+        let url = format!("http://{admin}{path}");
+        crate::support::within("Envoy's admin API", async {
+            crate::support::http()
+                .get(&url)
+                .send()
+                .await
+                .expect("GET")
+                .text()
+                .await
+                .expect("body")
+        })
+        .await
+    }
+
+    /// One counter or gauge from the admin `/stats`; 0 while Envoy has not
+    /// created it.
+    pub(crate) async fn stat(&self, name: &str) -> u64 {
+        self.admin("/stats")
+            .await
+            .lines()
+            .filter_map(|l| l.rsplit_once(": "))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -82,7 +134,7 @@ struct Oracle {
     pki: Pki,
     ads: Ads,
     web: Leaf,
-    _app: EchoServer,
+    app: EchoServer,
     /// Each side's public listener.
     public: [SocketAddr; 2],
     dir: tempfile::TempDir,
@@ -91,7 +143,7 @@ struct Oracle {
 /// Both proxies, running.
 struct Proxies {
     ferry: ferry::Running,
-    _envoy: XdsEnvoy,
+    envoy: XdsEnvoy,
 }
 
 impl Oracle {
@@ -109,10 +161,15 @@ impl Oracle {
             pki,
             ads,
             web,
-            _app: app,
+            app,
         };
         o.set_public(i);
         o
+    }
+
+    /// The local app's address.
+    fn app_addr(&self) -> SocketAddr {
+        self.app.addr
     }
 
     fn node(side: usize) -> String {
@@ -132,8 +189,18 @@ impl Oracle {
 
     /// Each node's public listener, with intentions `i`.
     fn set_public(&self, i: &Intentions) {
+        self.set_public_with(&self.tls(), i, None);
+    }
+
+    /// Each node's public listener with certificates `tls`, intentions `i`
+    /// and, as Consul's `max_inbound_connections` adds it, a
+    /// `connection_limit` filter of `limit` connections.
+    fn set_public_with(&self, tls: &Tls, i: &Intentions, limit: Option<u64>) {
         for (side, addr) in self.public.iter().enumerate() {
-            let (name, l) = ads::public_listener(*addr, &self.tls(), self.pki.trust_domain(), i);
+            let (name, mut l) = ads::public_listener(*addr, tls, self.pki.trust_domain(), i);
+            if let Some(max) = limit {
+                l = ads::with_filter_before_tcp_proxy(&l, ads::connection_limit(max));
+            }
             self.ads.set_for(&Oracle::node(side), LDS, &name, l);
         }
     }
@@ -150,7 +217,12 @@ impl Oracle {
 
     /// A common upstream cluster in Consul's shape.
     fn cluster(&self, name: &str, sni: &str, sans: &[String]) -> Any {
-        ads::eds_cluster(name, sni, sans, &self.tls(), &ClusterOpts::default())
+        self.cluster_with(name, sni, sans, &ClusterOpts::default())
+    }
+
+    /// [`Oracle::cluster`] with limits or outlier detection.
+    fn cluster_with(&self, name: &str, sni: &str, sans: &[String], opts: &ClusterOpts) -> Any {
+        ads::eds_cluster(name, sni, sans, &self.tls(), opts)
     }
 
     /// Starts Envoy and ferry, each from its own bootstrap.
@@ -165,10 +237,7 @@ impl Oracle {
         let ferry = ads::start_ferry(&boot(0)).await;
         assert_eq!(ferry.inbound, Some(self.public[0]));
         self.in_sync().await;
-        Proxies {
-            ferry,
-            _envoy: envoy,
-        }
+        Proxies { ferry, envoy }
     }
 
     /// Both nodes hold exactly what the server serves them, nothing NACKed.
@@ -707,4 +776,195 @@ async fn without_consuls_lb_settings_envoy_spills_and_panics_where_ferry_stays_s
     })
     .await;
     converge("ferry", &refused_at(&[]), || s.route(binds[0])).await;
+}
+
+/// Holds one connection through each of `binds` (an upstream listener or
+/// a public one, by `open`), each proven by an echo.
+async fn hold<C, F, Fut>(binds: &[SocketAddr; 2], open: F) -> Vec<C>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = C>,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut held = Vec::new();
+    for bind in binds {
+        let mut c = open(*bind).await;
+        echo_once(&mut c, b"held").await;
+        held.push(c);
+    }
+    held
+}
+
+/// Consul's upstream `limits.max_connections` is the cluster's circuit
+/// breaker; tcp_proxy checks it before connecting and closes the
+/// downstream connection when it is reached.
+#[tokio::test]
+async fn envoy_and_ferry_cap_an_upstream_at_its_circuit_breaker() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    let one = ClusterOpts {
+        max_connections: Some(1),
+        ..Default::default()
+    };
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        o.cluster_with(DB_CLUSTER, &sni, &[o.pki.uri("db")], &one),
+    );
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let p = o.start().await;
+
+    both("one connection at a time", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+    let held = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    both(
+        "a second while one is held: refused, nothing tried",
+        refused_at(&[]),
+        |side| s.route(binds[side]),
+    )
+    .await;
+    let overflow = format!("cluster.{DB_CLUSTER}.upstream_cx_overflow");
+    assert!(p.envoy.stat(&overflow).await > 0, "Envoy's breaker refused");
+    drop(held);
+    both(
+        "the held one closed: a new one passes",
+        echoed("db", &sni),
+        |side| s.route(binds[side]),
+    )
+    .await;
+}
+
+/// Consul's `max_inbound_connections` in both its places: a circuit
+/// breaker on `local_app` and a `connection_limit` filter on the public
+/// listener. Each proxy caps the public listener at the smaller of the two
+/// (here the filter's 1; the breaker's 2 is what ferry would take without
+/// it). Where they count differs: Envoy counts a connection from its accept
+/// (it dials the app at once, difference 1), ferry once its handshake is
+/// done, so a silent TCP connection takes Envoy's only slot and not ferry's.
+#[tokio::test]
+async fn envoy_and_ferry_cap_the_public_listener_at_max_inbound_connections() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.ads
+        .set(CDS, "local_app", ads::local_app_limited(o.app_addr(), 2));
+    o.set_public_with(&o.tls(), &Intentions::DefaultAllow(Vec::new()), Some(1));
+    let p = o.start().await;
+    let api = o.pki.leaf("api");
+    let pass = |side: usize| {
+        let api = &api;
+        let addr = o.public[side];
+        async move { !refused(&mesh_echo(addr, api).await) }
+    };
+    both("one connection at a time", true, pass).await;
+    let held = hold(&o.public, |a| mesh_conn(a, &api)).await;
+    both("a second while one is held: refused", false, pass).await;
+    let limited = "connection_limit.inbound_connection_limit.limited_connections";
+    assert!(
+        p.envoy.stat(limited).await > 0,
+        "Envoy refused by the filter (1), not by the breaker (2)"
+    );
+    drop(held);
+    both("the held one closed: a new one passes", true, pass).await;
+
+    // A TCP connection that never starts its handshake.
+    let silent = connect_both(&o.public).await;
+    converge(
+        "Envoy: the silent connection holds the slot",
+        &false,
+        || pass(1),
+    )
+    .await;
+    converge("ferry: a silent connection holds no slot", &true, || {
+        pass(0)
+    })
+    .await;
+    drop(silent);
+    both("the silent one closed", true, pass).await;
+}
+
+/// A plain TCP connection to each of `addrs`.
+async fn connect_both(addrs: &[SocketAddr; 2]) -> Vec<TcpStream> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(TcpStream::connect(a).await.expect("connect"));
+    }
+    out
+}
+
+/// With failover Consul's `limits` sit on the legs (each target cluster),
+/// none on the aggregate. tcp_proxy checks only the cluster it names, the
+/// aggregate (Envoy's default cap, 1024); a leg's breaker is enforced by
+/// the leg's connection pool, which queues a connection over it until one
+/// closes (Envoy counts `upstream_cx_overflow` and a pending request) and
+/// lets each host have one connection whatever the cap. ferry applies the
+/// first leg's cap as it does any upstream's: it refuses at once.
+#[tokio::test]
+async fn over_a_failover_legs_limit_envoy_queues_the_connection_where_ferry_refuses_it() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let legs = [
+        format!("failover-target~0~{DB_CLUSTER}"),
+        format!("failover-target~1~{DB_CLUSTER}"),
+    ];
+    let sni = o.sni("db", "dc1");
+    let one = ClusterOpts {
+        max_connections: Some(1),
+        ..Default::default()
+    };
+    o.ads
+        .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));
+    for leg in &legs {
+        o.ads.set(
+            CDS,
+            leg,
+            o.cluster_with(leg, &sni, &[o.pki.uri("db")], &one),
+        );
+    }
+    o.ads.set(
+        EDS,
+        &legs[0],
+        ads::cla(&legs[0], &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    o.ads.set(EDS, &legs[1], ads::cla(&legs[1], &[]));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let p = o.start().await;
+
+    both("one connection at a time", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+    let mut held = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    converge("ferry: a second is refused", &refused_at(&[]), || {
+        s.route(binds[0])
+    })
+    .await;
+    let queued = tokio::spawn(plain_echo(binds[1]));
+    let pending = format!("cluster.{}.upstream_rq_pending_active", legs[0]);
+    converge("Envoy: a second waits in the leg's pool", &1, || {
+        p.envoy.stat(&pending)
+    })
+    .await;
+    assert!(!queued.is_finished(), "Envoy holds it, unanswered");
+    drop(held.pop()); // Envoy's
+    let got = crate::support::within("the queued connection", queued)
+        .await
+        .expect("join");
+    assert_eq!(got.expect("echo"), MSG, "Envoy: served once a slot freed");
+    let overflow = format!("cluster.{}.upstream_cx_overflow", legs[0]);
+    assert!(p.envoy.stat(&overflow).await > 0);
 }
