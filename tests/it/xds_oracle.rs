@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::google::protobuf::Any;
 use ferry::identity::dev_ca::Leaf;
 
-use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS};
+use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS, SDS};
 use crate::support::{
     dead_addr, echo_once, mesh_conn, mesh_echo, plain_echo, refused, EchoServer, Pki,
     TlsEchoServer, DEADLINE, MSG,
@@ -368,6 +368,40 @@ impl Servers {
             _ => Route::Odd(format!("{r:?}, handshakes {shook:?}, reached {reached:?}")),
         }
     }
+}
+
+impl Servers {
+    /// The serial of the client leaf the server saw in one echo through
+    /// the upstream listener `bind`, or why there was none.
+    async fn client_serial(&self, bind: SocketAddr) -> Result<String, String> {
+        let before: Vec<usize> = self.0.iter().map(|(_, s)| s.handshakes()).collect();
+        let r = plain_echo(bind).await;
+        if !matches!(&r, Ok(got) if got == MSG) {
+            return Err(format!("no echo: {r:?}"));
+        }
+        for (i, (_, server)) in self.0.iter().enumerate() {
+            if let Some(serial) = server.client_serials.lock().unwrap().get(before[i]) {
+                return Ok(serial.clone());
+            }
+        }
+        Err("echoed without a handshake".into())
+    }
+}
+
+/// The serial of `leaf`'s certificate.
+fn serial_of(leaf: &Leaf) -> String {
+    ferry::identity::peer_identity(&crate::support::first_cert(&leaf.cert_pem))
+        .expect("identity")
+        .serial
+}
+
+/// The serial of the leaf the public listener at `addr` presents.
+async fn served_serial(addr: SocketAddr, client: &Leaf) -> String {
+    let c = mesh_conn(addr, client).await;
+    let cert = c.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+    ferry::identity::peer_identity(&cert)
+        .expect("identity")
+        .serial
 }
 
 /// Who a public listener lets through, per source leaf.
@@ -967,4 +1001,139 @@ async fn over_a_failover_legs_limit_envoy_queues_the_connection_where_ferry_refu
     assert_eq!(got.expect("echo"), MSG, "Envoy: served once a slot freed");
     let overflow = format!("cluster.{}.upstream_cx_overflow", legs[0]);
     assert!(p.envoy.stat(&overflow).await > 0);
+}
+
+/// The newest Consul's certificates: `connect-leaf` and `connect-root` by
+/// SDS, here for the public listener and an upstream cluster (whose SAN
+/// matchers then sit in a combined validation context). Both proxies
+/// present the secret's leaf to mesh clients and to upstream servers; a
+/// new `connect-leaf` reaches new handshakes on both sides while
+/// connections opened before it keep flowing.
+#[tokio::test]
+async fn envoy_and_ferry_present_the_sds_leaf_and_rotate_it_without_dropping_connections() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.set_public_with(&Tls::Sds, &Intentions::DefaultAllow(Vec::new()), None);
+    o.ads
+        .set(SDS, "connect-root", ads::root_secret(o.pki.ca.cert_pem()));
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&o.web));
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        ads::eds_cluster(
+            DB_CLUSTER,
+            &sni,
+            &[o.pki.uri("db")],
+            &Tls::Sds,
+            &ClusterOpts::default(),
+        ),
+    );
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+    let api = o.pki.leaf("api");
+    let first = serial_of(&o.web);
+    both(
+        "the public listener serves connect-leaf",
+        first.clone(),
+        |side| served_serial(o.public[side], &api),
+    )
+    .await;
+    both(
+        "upstream handshakes present connect-leaf",
+        Ok(first.clone()),
+        |side| s.client_serial(binds[side]),
+    )
+    .await;
+
+    let mut inbound = hold(&o.public, |a| mesh_conn(a, &api)).await;
+    let mut upstream = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    let rotated = o.pki.leaf("web");
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&rotated));
+    o.in_sync().await;
+    let second = serial_of(&rotated);
+    assert_ne!(first, second);
+    both(
+        "new mesh clients get the rotated leaf",
+        second.clone(),
+        |side| served_serial(o.public[side], &api),
+    )
+    .await;
+    both(
+        "new upstream handshakes present the rotated leaf",
+        Ok(second),
+        |side| s.client_serial(binds[side]),
+    )
+    .await;
+    for (side, c) in inbound.iter_mut().enumerate() {
+        echo_once(c, format!("inbound {side}, across the rotation").as_bytes()).await;
+    }
+    for (side, c) in upstream.iter_mut().enumerate() {
+        echo_once(
+            c,
+            format!("upstream {side}, across the rotation").as_bytes(),
+        )
+        .await;
+    }
+}
+
+/// A shape Consul does not send: an upstream cluster whose roots come by
+/// SDS with no SAN matcher. Envoy takes it and then accepts any server the
+/// roots sign; ferry refuses it (it always checks the server's identity)
+/// and keeps the cluster it had.
+#[tokio::test]
+async fn an_upstream_cluster_without_a_san_matcher_is_taken_by_envoy_and_refused_by_ferry() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.ads
+        .set(SDS, "connect-root", ads::root_secret(o.pki.ca.cert_pem()));
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&o.web));
+    let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
+    let s = Servers::start(&o.pki, vec![("db", &db), ("evil", &evil)]).await;
+    let sni = o.sni("db", "dc1");
+    let sds = |sans: &[String]| {
+        ads::eds_cluster(DB_CLUSTER, &sni, sans, &Tls::Sds, &ClusterOpts::default())
+    };
+    o.ads.set(CDS, DB_CLUSTER, sds(&[o.pki.uri("db")]));
+    let only = |name: &str| ads::cla(DB_CLUSTER, &[(0, s.addr(name), ads::HEALTHY)]);
+    o.ads.set(EDS, DB_CLUSTER, only("db"));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+    both("db, as the cluster expects", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+
+    o.ads.set(CDS, DB_CLUSTER, sds(&[]));
+    o.ads.set(EDS, DB_CLUSTER, only("evil"));
+    let ferry = Oracle::node(0);
+    let nack = o
+        .ads
+        .reply("ferry to refuse the cluster", |r| {
+            r.node == ferry && r.type_url == CDS && r.error.is_some()
+        })
+        .await;
+    let why = nack.error.unwrap_or_default();
+    assert!(why.contains("without a SAN matcher"), "{why}");
+    o.ads.in_sync(&Oracle::node(1)).await;
+    converge(
+        "Envoy: any server the roots sign",
+        &echoed("evil", &sni),
+        || s.route(binds[1]),
+    )
+    .await;
+    converge(
+        "ferry: the last good cluster, expecting db",
+        &refused_at(&["evil"]),
+        || s.route(binds[0]),
+    )
+    .await;
 }
