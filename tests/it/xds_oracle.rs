@@ -1137,3 +1137,214 @@ async fn an_upstream_cluster_without_a_san_matcher_is_taken_by_envoy_and_refused
     )
     .await;
 }
+
+/// Accepts TCP connections and resets them at once: an instance whose
+/// port is open but that fails every handshake. Counts what it accepted.
+struct Resetter {
+    addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Resetter {
+    async fn start() -> Resetter {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                crate::support::reset_on_close(&c);
+                drop(c);
+            }
+        });
+        Resetter {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a run of connections through one upstream listener did with a
+/// failing instance beside a healthy one.
+#[derive(Debug, PartialEq, Eq)]
+struct Ejection {
+    /// Connections the failing instance was tried for (TCP accepted).
+    tried: usize,
+    /// Connections that got no echo.
+    failed: usize,
+    /// Whether the last connections all went to the healthy instance alone.
+    settled: bool,
+}
+
+/// `n` connections one after the other through `bind`; `tries` counts
+/// the attempts on the failing instance so far (0 where they cannot be
+/// seen). The last four must not touch it for the run to count as settled.
+async fn run(s: &Servers, tries: &dyn Fn() -> usize, bind: SocketAddr, n: usize) -> Ejection {
+    let (mut tried, mut failed, mut settled) = (0, 0, true);
+    for i in 0..n {
+        let before = tries();
+        let route = s.route(bind).await;
+        let touched = tries() > before;
+        tried += usize::from(touched);
+        let served = matches!(route, Route::Echoed { server: "good", .. });
+        failed += usize::from(!served);
+        if i + 4 >= n && (touched || !served) {
+            settled = false;
+        }
+    }
+    Ejection {
+        tried,
+        failed,
+        settled,
+    }
+}
+
+/// Whether Envoy has ejected host `addr` of `cluster` (`/clusters`).
+async fn envoy_ejected(envoy: &XdsEnvoy, cluster: &str, addr: SocketAddr) -> bool {
+    let flags = format!("{cluster}::{addr}::health_flags::");
+    envoy
+        .admin("/clusters")
+        .await
+        .lines()
+        .any(|l| l.starts_with(&flags) && l.contains("failed_outlier_check"))
+}
+
+/// Whether ferry has ejected instance `addr` of upstream `id`.
+fn ferry_ejected(ferry: &ferry::Running, id: &str, addr: SocketAddr) -> bool {
+    ferry
+        .instances(id)
+        .unwrap_or_default()
+        .iter()
+        .any(|i| i.addr == addr && i.ejected)
+}
+
+/// Consul's `passive_health_check` is the cluster's outlier detection;
+/// for tcp_proxy a failed connection (refused, reset, or a handshake that
+/// fails, the server's identity included) counts towards
+/// `consecutive_5xx`. Both proxies stop trying a failing instance after
+/// exactly `consecutive_5xx` failures and send everything to the healthy
+/// one. How a failure reaches the client differs: Envoy's tcp_proxy makes
+/// one connect attempt (`max_connect_attempts`, which Consul leaves at 1),
+/// so each failure closes a client connection; ferry tries the next
+/// instance within the same connection, so no client sees one. And at
+/// Envoy's default `max_ejection_percent` (10%, Consul's unless
+/// `passive_health_check.max_ejection_percent` is set) Envoy ejects nothing
+/// from fewer than ten hosts and keeps failing every other connection,
+/// where ferry ejects whatever the share.
+#[tokio::test]
+async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
+    let s = Servers::start(&o.pki, vec![("good", &db), ("impostor", &evil)]).await;
+    let bad = Resetter::start().await;
+    let dead = dead_addr().await;
+    let sni = o.sni("db", "dc1");
+    let n = 3;
+    let outlier = |max_ejection_percent| ClusterOpts {
+        outlier: Some((n as u32, Duration::from_secs(60))),
+        max_ejection_percent,
+        ..Default::default()
+    };
+    // (cluster, the failing instance, outlier detection)
+    let clusters = [
+        ("db-any-share", bad.addr, outlier(Some(100))),
+        ("db-default-share", bad.addr, outlier(None)),
+        ("db-dead", dead, outlier(Some(100))),
+        ("db-impostor", s.addr("impostor"), outlier(Some(100))),
+    ];
+    let mut binds = Vec::new();
+    for (name, failing, opts) in &clusters {
+        let hosts = [
+            (0, *failing, ads::HEALTHY),
+            (0, s.addr("good"), ads::HEALTHY),
+        ];
+        o.ads.set(
+            CDS,
+            name,
+            o.cluster_with(name, &sni, &[o.pki.uri("db")], opts),
+        );
+        o.ads.set(EDS, name, ads::cla(name, &hosts));
+        binds.push(o.upstream(name, name).await);
+    }
+    let p = o.start().await;
+    let resets = || bad.accepted();
+
+    let runs = 4 * n;
+    // max_ejection_percent 100: the same ejection, failures seen differently.
+    let (envoy, ferry) = (
+        run(&s, &resets, binds[0][1], runs).await,
+        run(&s, &resets, binds[0][0], runs).await,
+    );
+    let ejected = |failed| Ejection {
+        tried: n,
+        failed,
+        settled: true,
+    };
+    assert_eq!(envoy, ejected(n), "Envoy: each failure is a client's");
+    assert_eq!(ferry, ejected(0), "ferry: retried within the connection");
+    let active = "cluster.db-any-share.outlier_detection.ejections_active";
+    assert_eq!(p.envoy.stat(active).await, 1);
+    assert!(envoy_ejected(&p.envoy, "db-any-share", bad.addr).await);
+    assert!(ferry_ejected(&p.ferry, "db-any-share", bad.addr));
+
+    // Envoy's default share: 1 of 2 hosts is over 10%, nothing is ejected.
+    let (envoy, ferry) = (
+        run(&s, &resets, binds[1][1], runs).await,
+        run(&s, &resets, binds[1][0], runs).await,
+    );
+    let never = Ejection {
+        tried: runs / 2,
+        failed: runs / 2,
+        settled: false,
+    };
+    assert_eq!(envoy, never, "Envoy: round robin onto the failing host");
+    assert_eq!(ferry, ejected(0), "ferry: ejected all the same");
+    let overflow = "cluster.db-default-share.outlier_detection.ejections_overflow";
+    assert!(p.envoy.stat(overflow).await > 0, "Envoy: over the share");
+    assert!(!envoy_ejected(&p.envoy, "db-default-share", bad.addr).await);
+    assert!(ferry_ejected(&p.ferry, "db-default-share", bad.addr));
+
+    // A refused port: the attempts cannot be counted, the outcome can.
+    let unseen = || 0;
+    let (envoy, ferry) = (
+        run(&s, &unseen, binds[2][1], runs).await,
+        run(&s, &unseen, binds[2][0], runs).await,
+    );
+    let settled = |failed| Ejection {
+        tried: 0,
+        failed,
+        settled: true,
+    };
+    assert_eq!(envoy, settled(n), "Envoy: a refused connect counts");
+    assert_eq!(ferry, settled(0), "ferry: retried");
+    assert!(envoy_ejected(&p.envoy, "db-dead", dead).await);
+    assert!(ferry_ejected(&p.ferry, "db-dead", dead));
+
+    // A server with another service's identity: a failed handshake counts.
+    let impostor =
+        s.0.iter()
+            .find(|(n, _)| *n == "impostor")
+            .expect("impostor");
+    let accepted = || impostor.1.counts.accepted();
+    let (envoy, ferry) = (
+        run(&s, &accepted, binds[3][1], runs).await,
+        run(&s, &accepted, binds[3][0], runs).await,
+    );
+    assert_eq!(envoy, ejected(n), "Envoy: refused identities count");
+    assert_eq!(ferry, ejected(0), "ferry: retried");
+}
