@@ -26,7 +26,7 @@ use ferry::identity::dev_ca::Leaf;
 
 use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS, SDS};
 use crate::support::{
-    dead_addr, echo_once, mesh_conn, mesh_echo, plain_echo, refused, EchoServer, Pki,
+    echo_once, mesh_conn, mesh_echo, plain_echo, refused, spare_addr, EchoServer, Pki,
     TlsEchoServer, DEADLINE, MSG,
 };
 use tokio::net::TcpStream;
@@ -156,7 +156,7 @@ impl Oracle {
         let app = EchoServer::start().await;
         ads.set(CDS, "local_app", ads::local_app(app.addr));
         let o = Oracle {
-            public: [dead_addr().await, dead_addr().await],
+            public: [spare_addr(), spare_addr()],
             dir: tempfile::tempdir().expect("tempdir"),
             pki,
             ads,
@@ -207,7 +207,7 @@ impl Oracle {
 
     /// Upstream `id` → `cluster` on a free port of each node; the binds.
     async fn upstream(&self, id: &str, cluster: &str) -> [SocketAddr; 2] {
-        let binds = [dead_addr().await, dead_addr().await];
+        let binds = [spare_addr(), spare_addr()];
         for (side, bind) in binds.iter().enumerate() {
             let (name, l) = ads::upstream_listener(id, *bind, cluster);
             self.ads.set_for(&Oracle::node(side), LDS, &name, l);
@@ -1252,7 +1252,7 @@ async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures
     let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
     let s = Servers::start(&o.pki, vec![("good", &db), ("impostor", &evil)]).await;
     let bad = Resetter::start().await;
-    let dead = dead_addr().await;
+    let dead = spare_addr();
     let sni = o.sni("db", "dc1");
     let n = 3;
     let outlier = |max_ejection_percent| ClusterOpts {
