@@ -1179,58 +1179,82 @@ impl Drop for Resetter {
     }
 }
 
-/// What a run of connections through one upstream listener did with a
-/// failing instance beside a healthy one.
+/// What connections through one upstream listener did with a failing
+/// instance beside a healthy one, in two runs: until the failing one had
+/// been tried `consecutive_5xx` times, then (once the proxy says what it
+/// made of that) four more.
 #[derive(Debug, PartialEq, Eq)]
 struct Ejection {
-    /// Connections the failing instance was tried for (TCP accepted).
-    tried: usize,
-    /// Connections that got no echo.
+    /// Connections of the first run that got no echo.
     failed: usize,
-    /// Whether the last connections all went to the healthy instance alone.
-    settled: bool,
+    /// Of the four after: the ones that tried the failing instance, and
+    /// the ones that got no echo.
+    after: (usize, usize),
 }
 
-/// `n` connections one after the other through `bind`; `tries` counts
-/// the attempts on the failing instance so far (0 where they cannot be
-/// seen). The last four must not touch it for the run to count as settled.
-async fn run(s: &Servers, tries: &dyn Fn() -> usize, bind: SocketAddr, n: usize) -> Ejection {
-    let (mut tried, mut failed, mut settled) = (0, 0, true);
-    for i in 0..n {
-        let before = tries();
-        let route = s.route(bind).await;
-        let touched = tries() > before;
-        tried += usize::from(touched);
-        let served = matches!(route, Route::Echoed { server: "good", .. });
-        failed += usize::from(!served);
-        if i + 4 >= n && (touched || !served) {
-            settled = false;
+/// The first run: connections through `bind` until `tries` (attempts on
+/// the failing instance so far) has grown by `n`; how many failed. Bounded
+/// at `4 n` connections.
+async fn until_tried<F, Fut>(s: &Servers, bind: SocketAddr, n: usize, tries: &F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let start = tries().await;
+    let mut failed = 0;
+    for _ in 0..4 * n {
+        if tries().await >= start + n {
+            break;
         }
+        let served = matches!(s.route(bind).await, Route::Echoed { server: "good", .. });
+        failed += usize::from(!served);
     }
-    Ejection {
-        tried,
-        failed,
-        settled,
+    failed
+}
+
+/// The run after: four connections through `bind`.
+async fn four_more<F, Fut>(s: &Servers, bind: SocketAddr, tries: &F) -> (usize, usize)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let (mut tried, mut failed) = (0, 0);
+    for _ in 0..4 {
+        let before = tries().await;
+        let served = matches!(s.route(bind).await, Route::Echoed { server: "good", .. });
+        tried += usize::from(tries().await > before);
+        failed += usize::from(!served);
     }
+    (tried, failed)
 }
 
 /// Whether Envoy has ejected host `addr` of `cluster` (`/clusters`).
 async fn envoy_ejected(envoy: &XdsEnvoy, cluster: &str, addr: SocketAddr) -> bool {
-    let flags = format!("{cluster}::{addr}::health_flags::");
+    envoy_host(envoy, cluster, addr, "health_flags")
+        .await
+        .contains("failed_outlier_check")
+}
+
+/// One of Envoy's per-host values in `/clusters`: `<cluster>::<addr>::<what>::<value>`.
+async fn envoy_host(envoy: &XdsEnvoy, cluster: &str, addr: SocketAddr, what: &str) -> String {
+    let key = format!("{cluster}::{addr}::{what}::");
     envoy
         .admin("/clusters")
         .await
         .lines()
-        .any(|l| l.starts_with(&flags) && l.contains("failed_outlier_check"))
+        .find_map(|l| l.strip_prefix(&key).map(str::to_string))
+        .unwrap_or_default()
 }
 
-/// Whether ferry has ejected instance `addr` of upstream `id`.
-fn ferry_ejected(ferry: &ferry::Running, id: &str, addr: SocketAddr) -> bool {
+/// ferry's state of instance `addr` of upstream `id`: its consecutive
+/// failures and whether it is ejected.
+fn ferry_instance(ferry: &ferry::Running, id: &str, addr: SocketAddr) -> (usize, bool) {
     ferry
         .instances(id)
         .unwrap_or_default()
         .iter()
-        .any(|i| i.addr == addr && i.ejected)
+        .find(|i| i.addr == addr)
+        .map_or((0, false), |i| (i.consecutive_failures as usize, i.ejected))
 }
 
 /// Consul's `passive_health_check` is the cluster's outlier detection;
@@ -1245,14 +1269,17 @@ fn ferry_ejected(ferry: &ferry::Running, id: &str, addr: SocketAddr) -> bool {
 /// Envoy's default `max_ejection_percent` (10%, Consul's unless
 /// `passive_health_check.max_ejection_percent` is set) Envoy ejects nothing
 /// from fewer than ten hosts and keeps failing every other connection,
-/// where ferry ejects whatever the share.
+/// where ferry ejects whatever the share. Envoy ejects on another thread
+/// than the one that counted: each first run ends on the failure that
+/// reaches the count, and the second starts once Envoy shows what it did.
 #[tokio::test]
 async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures() {
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
     let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
     let s = Servers::start(&o.pki, vec![("good", &db), ("impostor", &evil)]).await;
-    let bad = Resetter::start().await;
+    let reset = Resetter::start().await;
     let dead = spare_addr();
+    let impostor = s.addr("impostor");
     let sni = o.sni("db", "dc1");
     let n = 3;
     let outlier = |max_ejection_percent| ClusterOpts {
@@ -1262,10 +1289,10 @@ async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures
     };
     // (cluster, the failing instance, outlier detection)
     let clusters = [
-        ("db-any-share", bad.addr, outlier(Some(100))),
-        ("db-default-share", bad.addr, outlier(None)),
+        ("db-reset", reset.addr, outlier(Some(100))),
         ("db-dead", dead, outlier(Some(100))),
-        ("db-impostor", s.addr("impostor"), outlier(Some(100))),
+        ("db-impostor", impostor, outlier(Some(100))),
+        ("db-default-share", reset.addr, outlier(None)),
     ];
     let mut binds = Vec::new();
     for (name, failing, opts) in &clusters {
@@ -1282,69 +1309,83 @@ async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures
         binds.push(o.upstream(name, name).await);
     }
     let p = o.start().await;
-    let resets = || bad.accepted();
-
-    let runs = 4 * n;
-    // max_ejection_percent 100: the same ejection, failures seen differently.
-    let (envoy, ferry) = (
-        run(&s, &resets, binds[0][1], runs).await,
-        run(&s, &resets, binds[0][0], runs).await,
-    );
-    let ejected = |failed| Ejection {
-        tried: n,
-        failed,
-        settled: true,
-    };
-    assert_eq!(envoy, ejected(n), "Envoy: each failure is a client's");
-    assert_eq!(ferry, ejected(0), "ferry: retried within the connection");
-    let active = "cluster.db-any-share.outlier_detection.ejections_active";
-    assert_eq!(p.envoy.stat(active).await, 1);
-    assert!(envoy_ejected(&p.envoy, "db-any-share", bad.addr).await);
-    assert!(ferry_ejected(&p.ferry, "db-any-share", bad.addr));
-
-    // Envoy's default share: 1 of 2 hosts is over 10%, nothing is ejected.
-    let (envoy, ferry) = (
-        run(&s, &resets, binds[1][1], runs).await,
-        run(&s, &resets, binds[1][0], runs).await,
-    );
-    let never = Ejection {
-        tried: runs / 2,
-        failed: runs / 2,
-        settled: false,
-    };
-    assert_eq!(envoy, never, "Envoy: round robin onto the failing host");
-    assert_eq!(ferry, ejected(0), "ferry: ejected all the same");
-    let overflow = "cluster.db-default-share.outlier_detection.ejections_overflow";
-    assert!(p.envoy.stat(overflow).await > 0, "Envoy: over the share");
-    assert!(!envoy_ejected(&p.envoy, "db-default-share", bad.addr).await);
-    assert!(ferry_ejected(&p.ferry, "db-default-share", bad.addr));
-
-    // A refused port: the attempts cannot be counted, the outcome can.
-    let unseen = || 0;
-    let (envoy, ferry) = (
-        run(&s, &unseen, binds[2][1], runs).await,
-        run(&s, &unseen, binds[2][0], runs).await,
-    );
-    let settled = |failed| Ejection {
-        tried: 0,
-        failed,
-        settled: true,
-    };
-    assert_eq!(envoy, settled(n), "Envoy: a refused connect counts");
-    assert_eq!(ferry, settled(0), "ferry: retried");
-    assert!(envoy_ejected(&p.envoy, "db-dead", dead).await);
-    assert!(ferry_ejected(&p.ferry, "db-dead", dead));
-
-    // A server with another service's identity: a failed handshake counts.
-    let impostor =
-        s.0.iter()
+    let impostor_server =
+        &s.0.iter()
             .find(|(n, _)| *n == "impostor")
-            .expect("impostor");
-    let accepted = || impostor.1.counts.accepted();
-    let (envoy, ferry) = (
-        run(&s, &accepted, binds[3][1], runs).await,
-        run(&s, &accepted, binds[3][0], runs).await,
-    );
-    assert_eq!(envoy, ejected(n), "Envoy: refused identities count");
-    assert_eq!(ferry, ejected(0), "ferry: retried");
+            .expect("impostor")
+            .1;
+
+    for (i, (name, failing, _)) in clusters.iter().enumerate() {
+        // Attempts on the failing instance: what it accepted where it
+        // listens, else what each proxy counted.
+        let accepted = || async {
+            match *name {
+                "db-impostor" => impostor_server.counts.accepted(),
+                _ => reset.accepted(),
+            }
+        };
+        let envoy_tries = || async {
+            match *name {
+                "db-dead" => envoy_host(&p.envoy, name, dead, "cx_connect_fail")
+                    .await
+                    .parse()
+                    .unwrap_or(0),
+                _ => accepted().await,
+            }
+        };
+        let ferry_tries = || async {
+            match *name {
+                "db-dead" => ferry_instance(&p.ferry, name, dead).0,
+                _ => accepted().await,
+            }
+        };
+        let share = *name != "db-default-share";
+
+        let failed = until_tried(&s, binds[i][1], n, &envoy_tries).await;
+        if share {
+            converge(&format!("{name}: Envoy ejects"), &true, || {
+                envoy_ejected(&p.envoy, name, *failing)
+            })
+            .await;
+        } else {
+            let overflow = format!("cluster.{name}.outlier_detection.ejections_overflow");
+            converge(&format!("{name}: Envoy over the share"), &true, || async {
+                p.envoy.stat(&overflow).await > 0
+            })
+            .await;
+        }
+        let envoy = Ejection {
+            failed,
+            after: four_more(&s, binds[i][1], &envoy_tries).await,
+        };
+        let failed = until_tried(&s, binds[i][0], n, &ferry_tries).await;
+        converge(&format!("{name}: ferry ejects"), &true, || async {
+            ferry_instance(&p.ferry, name, *failing).1
+        })
+        .await;
+        let ferry = Ejection {
+            failed,
+            after: four_more(&s, binds[i][0], &ferry_tries).await,
+        };
+
+        let ejected = |failed| Ejection {
+            failed,
+            after: (0, 0),
+        };
+        if share {
+            assert_eq!(envoy, ejected(n), "{name}: Envoy, a client's failure each");
+        } else {
+            let round_robin = Ejection {
+                failed: n,
+                after: (2, 2),
+            };
+            assert_eq!(envoy, round_robin, "{name}: Envoy, not ejected");
+            assert!(!envoy_ejected(&p.envoy, name, *failing).await);
+        }
+        assert_eq!(
+            ferry,
+            ejected(0),
+            "{name}: ferry, retried within the connection"
+        );
+    }
 }
