@@ -700,6 +700,7 @@ async fn circuit_breaker_max_connections_caps_an_upstream() {
     let opts = ClusterOpts {
         max_connections: Some(1),
         outlier: Some((3, Duration::from_secs(30))),
+        ..Default::default()
     };
     let bind = add_db(&s, "db", "db", &opts, &[(0, one.addr, ads::HEALTHY)]).await;
     let _ferry = s.start().await;
@@ -766,6 +767,7 @@ async fn outlier_detection_ejects_a_failing_instance() {
     let opts = ClusterOpts {
         max_connections: None,
         outlier: Some((1, Duration::from_secs(60))),
+        ..Default::default()
     };
     let hosts = [(0, dead, ads::HEALTHY), (0, good.addr, ads::HEALTHY)];
     let bind = add_db(&s, "db", "db", &opts, &hosts).await;
@@ -795,8 +797,8 @@ async fn an_ejected_priority_hands_over_to_the_next_until_its_ejection_expires()
     // Healthy in the catalog, but nothing listens.
     let dead = dead_addr().await;
     let opts = ClusterOpts {
-        max_connections: None,
         outlier: Some((2, Duration::from_millis(400))),
+        ..ClusterOpts::default()
     };
     let hosts = [(0, dead, ads::HEALTHY), (1, dc2.addr, ads::HEALTHY)];
     let bind = add_db(&s, "db", "db", &opts, &hosts).await;
@@ -842,8 +844,8 @@ async fn an_ejected_aggregate_leg_hands_over_with_the_next_legs_sni_and_identity
     ];
     let dc2_sni = crate::support::envoy::sni("db", "dc2", s.pki.trust_domain());
     let opts = ClusterOpts {
-        max_connections: None,
         outlier: Some((1, Duration::from_secs(60))),
+        ..ClusterOpts::default()
     };
     s.ads
         .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));

@@ -5,9 +5,13 @@
 //! clusters, endpoints and secrets are common. Each test asserts that both
 //! proxies decide the same, and what they decide: the sources allowed and
 //! denied, the endpoints used in failover order, the SNI sent, the
-//! refusals of a wrong server identity. Every step waits until both nodes
+//! refusals of a wrong server identity, the connection caps of an upstream
+//! and of the public listener, the SDS leaf presented and its rotation,
+//! the ejection of a failing instance. Every step waits until both nodes
 //! answered everything the server sent them, and fails on any NACK, so a
-//! resource Envoy silently refused cannot make a test pass.
+//! resource Envoy silently refused cannot make a test pass. Where the two
+//! differ on purpose (`tests/envoy/README.md`), a test asserts each one's
+//! answer, and Envoy's admin stats show which of its mechanisms acted.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -20,10 +24,12 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::google::protobuf::Any;
 use ferry::identity::dev_ca::Leaf;
 
-use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS};
+use crate::support::ads::{self, Ads, ClusterOpts, Intentions, Tls, CDS, EDS, LDS, SDS};
 use crate::support::{
-    dead_addr, mesh_echo, plain_echo, refused, EchoServer, Pki, TlsEchoServer, DEADLINE, MSG,
+    echo_once, mesh_conn, mesh_echo, plain_echo, refused, spare_addr, EchoServer, Pki,
+    TlsEchoServer, DEADLINE, MSG,
 };
+use tokio::net::TcpStream;
 
 /// The service IDs of the two instances of `web`; their sidecars' node ids
 /// are `<id>-sidecar-proxy`. Index 0 is ferry, 1 is Envoy everywhere below.
@@ -39,24 +45,70 @@ type Hosts = Vec<(u32, SocketAddr, i32)>;
 pub(crate) struct XdsEnvoy {
     child: Child,
     log: PathBuf,
+    /// Where Envoy writes its admin address once it listens.
+    admin_path: PathBuf,
 }
 
 impl XdsEnvoy {
     /// Runs Envoy from `bootstrap`, its log in `dir`.
     pub(crate) fn start(bootstrap: &Path, dir: &Path) -> XdsEnvoy {
         let log = dir.join("envoy.log");
+        let admin_path = dir.join("envoy-admin-address");
         let child = Command::new(crate::support::envoy::binary())
             .arg("-c")
             .arg(bootstrap)
             .args(["-l", "info", "--log-path"])
             .arg(&log)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
             .args(["--concurrency", "1", "--disable-hot-restart"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn envoy");
-        XdsEnvoy { child, log }
+        XdsEnvoy {
+            child,
+            log,
+            admin_path,
+        }
+    }
+
+    /// `GET <admin><path>`, the body.
+    pub(crate) async fn admin(&self, path: &str) -> String {
+        let admin = crate::support::within("Envoy's admin address", async {
+            loop {
+                match std::fs::read_to_string(&self.admin_path) {
+                    Ok(a) if !a.trim().is_empty() => return a.trim().to_string(),
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
+        let url = format!("http://{admin}{path}");
+        crate::support::within("Envoy's admin API", async {
+            crate::support::http()
+                .get(&url)
+                .send()
+                .await
+                .expect("GET")
+                .text()
+                .await
+                .expect("body")
+        })
+        .await
+    }
+
+    /// One counter or gauge from the admin `/stats`; 0 while Envoy has not
+    /// created it.
+    pub(crate) async fn stat(&self, name: &str) -> u64 {
+        self.admin("/stats")
+            .await
+            .lines()
+            .filter_map(|l| l.rsplit_once(": "))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -82,7 +134,7 @@ struct Oracle {
     pki: Pki,
     ads: Ads,
     web: Leaf,
-    _app: EchoServer,
+    app: EchoServer,
     /// Each side's public listener.
     public: [SocketAddr; 2],
     dir: tempfile::TempDir,
@@ -91,7 +143,7 @@ struct Oracle {
 /// Both proxies, running.
 struct Proxies {
     ferry: ferry::Running,
-    _envoy: XdsEnvoy,
+    envoy: XdsEnvoy,
 }
 
 impl Oracle {
@@ -104,15 +156,20 @@ impl Oracle {
         let app = EchoServer::start().await;
         ads.set(CDS, "local_app", ads::local_app(app.addr));
         let o = Oracle {
-            public: [dead_addr().await, dead_addr().await],
+            public: [spare_addr(), spare_addr()],
             dir: tempfile::tempdir().expect("tempdir"),
             pki,
             ads,
             web,
-            _app: app,
+            app,
         };
         o.set_public(i);
         o
+    }
+
+    /// The local app's address.
+    fn app_addr(&self) -> SocketAddr {
+        self.app.addr
     }
 
     fn node(side: usize) -> String {
@@ -132,15 +189,25 @@ impl Oracle {
 
     /// Each node's public listener, with intentions `i`.
     fn set_public(&self, i: &Intentions) {
+        self.set_public_with(&self.tls(), i, None);
+    }
+
+    /// Each node's public listener with certificates `tls`, intentions `i`
+    /// and, as Consul's `max_inbound_connections` adds it, a
+    /// `connection_limit` filter of `limit` connections.
+    fn set_public_with(&self, tls: &Tls, i: &Intentions, limit: Option<u64>) {
         for (side, addr) in self.public.iter().enumerate() {
-            let (name, l) = ads::public_listener(*addr, &self.tls(), self.pki.trust_domain(), i);
+            let (name, mut l) = ads::public_listener(*addr, tls, self.pki.trust_domain(), i);
+            if let Some(max) = limit {
+                l = ads::with_filter_before_tcp_proxy(&l, ads::connection_limit(max));
+            }
             self.ads.set_for(&Oracle::node(side), LDS, &name, l);
         }
     }
 
     /// Upstream `id` → `cluster` on a free port of each node; the binds.
     async fn upstream(&self, id: &str, cluster: &str) -> [SocketAddr; 2] {
-        let binds = [dead_addr().await, dead_addr().await];
+        let binds = [spare_addr(), spare_addr()];
         for (side, bind) in binds.iter().enumerate() {
             let (name, l) = ads::upstream_listener(id, *bind, cluster);
             self.ads.set_for(&Oracle::node(side), LDS, &name, l);
@@ -150,7 +217,12 @@ impl Oracle {
 
     /// A common upstream cluster in Consul's shape.
     fn cluster(&self, name: &str, sni: &str, sans: &[String]) -> Any {
-        ads::eds_cluster(name, sni, sans, &self.tls(), &ClusterOpts::default())
+        self.cluster_with(name, sni, sans, &ClusterOpts::default())
+    }
+
+    /// [`Oracle::cluster`] with limits or outlier detection.
+    fn cluster_with(&self, name: &str, sni: &str, sans: &[String], opts: &ClusterOpts) -> Any {
+        ads::eds_cluster(name, sni, sans, &self.tls(), opts)
     }
 
     /// Starts Envoy and ferry, each from its own bootstrap.
@@ -165,10 +237,7 @@ impl Oracle {
         let ferry = ads::start_ferry(&boot(0)).await;
         assert_eq!(ferry.inbound, Some(self.public[0]));
         self.in_sync().await;
-        Proxies {
-            ferry,
-            _envoy: envoy,
-        }
+        Proxies { ferry, envoy }
     }
 
     /// Both nodes hold exactly what the server serves them, nothing NACKed.
@@ -299,6 +368,40 @@ impl Servers {
             _ => Route::Odd(format!("{r:?}, handshakes {shook:?}, reached {reached:?}")),
         }
     }
+}
+
+impl Servers {
+    /// The serial of the client leaf the server saw in one echo through
+    /// the upstream listener `bind`, or why there was none.
+    async fn client_serial(&self, bind: SocketAddr) -> Result<String, String> {
+        let before: Vec<usize> = self.0.iter().map(|(_, s)| s.handshakes()).collect();
+        let r = plain_echo(bind).await;
+        if !matches!(&r, Ok(got) if got == MSG) {
+            return Err(format!("no echo: {r:?}"));
+        }
+        for (i, (_, server)) in self.0.iter().enumerate() {
+            if let Some(serial) = server.client_serials.lock().unwrap().get(before[i]) {
+                return Ok(serial.clone());
+            }
+        }
+        Err("echoed without a handshake".into())
+    }
+}
+
+/// The serial of `leaf`'s certificate.
+fn serial_of(leaf: &Leaf) -> String {
+    ferry::identity::peer_identity(&crate::support::first_cert(&leaf.cert_pem))
+        .expect("identity")
+        .serial
+}
+
+/// The serial of the leaf the public listener at `addr` presents.
+async fn served_serial(addr: SocketAddr, client: &Leaf) -> String {
+    let c = mesh_conn(addr, client).await;
+    let cert = c.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+    ferry::identity::peer_identity(&cert)
+        .expect("identity")
+        .serial
 }
 
 /// Who a public listener lets through, per source leaf.
@@ -707,4 +810,582 @@ async fn without_consuls_lb_settings_envoy_spills_and_panics_where_ferry_stays_s
     })
     .await;
     converge("ferry", &refused_at(&[]), || s.route(binds[0])).await;
+}
+
+/// Holds one connection through each of `binds` (an upstream listener or
+/// a public one, by `open`), each proven by an echo.
+async fn hold<C, F, Fut>(binds: &[SocketAddr; 2], open: F) -> Vec<C>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = C>,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut held = Vec::new();
+    for bind in binds {
+        let mut c = open(*bind).await;
+        echo_once(&mut c, b"held").await;
+        held.push(c);
+    }
+    held
+}
+
+/// Consul's upstream `limits.max_connections` is the cluster's circuit
+/// breaker; tcp_proxy checks it before connecting and closes the
+/// downstream connection when it is reached.
+#[tokio::test]
+async fn envoy_and_ferry_cap_an_upstream_at_its_circuit_breaker() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    let one = ClusterOpts {
+        max_connections: Some(1),
+        ..Default::default()
+    };
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        o.cluster_with(DB_CLUSTER, &sni, &[o.pki.uri("db")], &one),
+    );
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let p = o.start().await;
+
+    both("one connection at a time", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+    let held = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    both(
+        "a second while one is held: refused, nothing tried",
+        refused_at(&[]),
+        |side| s.route(binds[side]),
+    )
+    .await;
+    let overflow = format!("cluster.{DB_CLUSTER}.upstream_cx_overflow");
+    assert!(p.envoy.stat(&overflow).await > 0, "Envoy's breaker refused");
+    drop(held);
+    both(
+        "the held one closed: a new one passes",
+        echoed("db", &sni),
+        |side| s.route(binds[side]),
+    )
+    .await;
+}
+
+/// Consul's `max_inbound_connections` in both its places: a circuit
+/// breaker on `local_app` and a `connection_limit` filter on the public
+/// listener. Each proxy caps the public listener at the smaller of the two
+/// (here the filter's 1; the breaker's 2 is what ferry would take without
+/// it). Where they count differs: Envoy counts a connection from its accept
+/// (it dials the app at once, difference 1), ferry once its handshake is
+/// done, so a silent TCP connection takes Envoy's only slot and not ferry's.
+#[tokio::test]
+async fn envoy_and_ferry_cap_the_public_listener_at_max_inbound_connections() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.ads
+        .set(CDS, "local_app", ads::local_app_limited(o.app_addr(), 2));
+    o.set_public_with(&o.tls(), &Intentions::DefaultAllow(Vec::new()), Some(1));
+    let p = o.start().await;
+    let api = o.pki.leaf("api");
+    let pass = |side: usize| {
+        let api = &api;
+        let addr = o.public[side];
+        async move { !refused(&mesh_echo(addr, api).await) }
+    };
+    both("one connection at a time", true, pass).await;
+    let held = hold(&o.public, |a| mesh_conn(a, &api)).await;
+    both("a second while one is held: refused", false, pass).await;
+    let limited = "connection_limit.inbound_connection_limit.limited_connections";
+    assert!(
+        p.envoy.stat(limited).await > 0,
+        "Envoy refused by the filter (1), not by the breaker (2)"
+    );
+    drop(held);
+    both("the held one closed: a new one passes", true, pass).await;
+
+    // A TCP connection that never starts its handshake.
+    let silent = connect_both(&o.public).await;
+    converge(
+        "Envoy: the silent connection holds the slot",
+        &false,
+        || pass(1),
+    )
+    .await;
+    converge("ferry: a silent connection holds no slot", &true, || {
+        pass(0)
+    })
+    .await;
+    drop(silent);
+    both("the silent one closed", true, pass).await;
+}
+
+/// A plain TCP connection to each of `addrs`.
+async fn connect_both(addrs: &[SocketAddr; 2]) -> Vec<TcpStream> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(TcpStream::connect(a).await.expect("connect"));
+    }
+    out
+}
+
+/// With failover Consul's `limits` sit on the legs (each target cluster),
+/// none on the aggregate. tcp_proxy checks only the cluster it names, the
+/// aggregate (Envoy's default cap, 1024); a leg's breaker is enforced by
+/// the leg's connection pool, which queues a connection over it until one
+/// closes (Envoy counts `upstream_cx_overflow` and a pending request) and
+/// lets each host have one connection whatever the cap. ferry applies the
+/// first leg's cap as it does any upstream's: it refuses at once.
+#[tokio::test]
+async fn over_a_failover_legs_limit_envoy_queues_the_connection_where_ferry_refuses_it() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let legs = [
+        format!("failover-target~0~{DB_CLUSTER}"),
+        format!("failover-target~1~{DB_CLUSTER}"),
+    ];
+    let sni = o.sni("db", "dc1");
+    let one = ClusterOpts {
+        max_connections: Some(1),
+        ..Default::default()
+    };
+    o.ads
+        .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));
+    for leg in &legs {
+        o.ads.set(
+            CDS,
+            leg,
+            o.cluster_with(leg, &sni, &[o.pki.uri("db")], &one),
+        );
+    }
+    o.ads.set(
+        EDS,
+        &legs[0],
+        ads::cla(&legs[0], &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    o.ads.set(EDS, &legs[1], ads::cla(&legs[1], &[]));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let p = o.start().await;
+
+    both("one connection at a time", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+    let mut held = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    converge("ferry: a second is refused", &refused_at(&[]), || {
+        s.route(binds[0])
+    })
+    .await;
+    let queued = tokio::spawn(plain_echo(binds[1]));
+    let pending = format!("cluster.{}.upstream_rq_pending_active", legs[0]);
+    converge("Envoy: a second waits in the leg's pool", &1, || {
+        p.envoy.stat(&pending)
+    })
+    .await;
+    assert!(!queued.is_finished(), "Envoy holds it, unanswered");
+    drop(held.pop()); // Envoy's
+    let got = crate::support::within("the queued connection", queued)
+        .await
+        .expect("join");
+    assert_eq!(got.expect("echo"), MSG, "Envoy: served once a slot freed");
+    let overflow = format!("cluster.{}.upstream_cx_overflow", legs[0]);
+    assert!(p.envoy.stat(&overflow).await > 0);
+}
+
+/// The newest Consul's certificates: `connect-leaf` and `connect-root` by
+/// SDS, here for the public listener and an upstream cluster (whose SAN
+/// matchers then sit in a combined validation context). Both proxies
+/// present the secret's leaf to mesh clients and to upstream servers; a
+/// new `connect-leaf` reaches new handshakes on both sides while
+/// connections opened before it keep flowing.
+#[tokio::test]
+async fn envoy_and_ferry_present_the_sds_leaf_and_rotate_it_without_dropping_connections() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.set_public_with(&Tls::Sds, &Intentions::DefaultAllow(Vec::new()), None);
+    o.ads
+        .set(SDS, "connect-root", ads::root_secret(o.pki.ca.cert_pem()));
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&o.web));
+    let db = o.pki.leaf("db");
+    let s = Servers::start(&o.pki, vec![("db", &db)]).await;
+    let sni = o.sni("db", "dc1");
+    o.ads.set(
+        CDS,
+        DB_CLUSTER,
+        ads::eds_cluster(
+            DB_CLUSTER,
+            &sni,
+            &[o.pki.uri("db")],
+            &Tls::Sds,
+            &ClusterOpts::default(),
+        ),
+    );
+    o.ads.set(
+        EDS,
+        DB_CLUSTER,
+        ads::cla(DB_CLUSTER, &[(0, s.addr("db"), ads::HEALTHY)]),
+    );
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+    let api = o.pki.leaf("api");
+    let first = serial_of(&o.web);
+    both(
+        "the public listener serves connect-leaf",
+        first.clone(),
+        |side| served_serial(o.public[side], &api),
+    )
+    .await;
+    both(
+        "upstream handshakes present connect-leaf",
+        Ok(first.clone()),
+        |side| s.client_serial(binds[side]),
+    )
+    .await;
+
+    let mut inbound = hold(&o.public, |a| mesh_conn(a, &api)).await;
+    let mut upstream = hold(&binds, |b| async move {
+        TcpStream::connect(b).await.expect("connect")
+    })
+    .await;
+    let rotated = o.pki.leaf("web");
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&rotated));
+    o.in_sync().await;
+    let second = serial_of(&rotated);
+    assert_ne!(first, second);
+    both(
+        "new mesh clients get the rotated leaf",
+        second.clone(),
+        |side| served_serial(o.public[side], &api),
+    )
+    .await;
+    both(
+        "new upstream handshakes present the rotated leaf",
+        Ok(second),
+        |side| s.client_serial(binds[side]),
+    )
+    .await;
+    for (side, c) in inbound.iter_mut().enumerate() {
+        echo_once(c, format!("inbound {side}, across the rotation").as_bytes()).await;
+    }
+    for (side, c) in upstream.iter_mut().enumerate() {
+        echo_once(
+            c,
+            format!("upstream {side}, across the rotation").as_bytes(),
+        )
+        .await;
+    }
+}
+
+/// A shape Consul does not send: an upstream cluster whose roots come by
+/// SDS with no SAN matcher. Envoy takes it and then accepts any server the
+/// roots sign; ferry refuses it (it always checks the server's identity)
+/// and keeps the cluster it had.
+#[tokio::test]
+async fn an_upstream_cluster_without_a_san_matcher_is_taken_by_envoy_and_refused_by_ferry() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    o.ads
+        .set(SDS, "connect-root", ads::root_secret(o.pki.ca.cert_pem()));
+    o.ads.set(SDS, "connect-leaf", ads::leaf_secret(&o.web));
+    let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
+    let s = Servers::start(&o.pki, vec![("db", &db), ("evil", &evil)]).await;
+    let sni = o.sni("db", "dc1");
+    let sds = |sans: &[String]| {
+        ads::eds_cluster(DB_CLUSTER, &sni, sans, &Tls::Sds, &ClusterOpts::default())
+    };
+    o.ads.set(CDS, DB_CLUSTER, sds(&[o.pki.uri("db")]));
+    let only = |name: &str| ads::cla(DB_CLUSTER, &[(0, s.addr(name), ads::HEALTHY)]);
+    o.ads.set(EDS, DB_CLUSTER, only("db"));
+    let binds = o.upstream("db", DB_CLUSTER).await;
+    let _p = o.start().await;
+    both("db, as the cluster expects", echoed("db", &sni), |side| {
+        s.route(binds[side])
+    })
+    .await;
+
+    o.ads.set(CDS, DB_CLUSTER, sds(&[]));
+    o.ads.set(EDS, DB_CLUSTER, only("evil"));
+    let ferry = Oracle::node(0);
+    let nack = o
+        .ads
+        .reply("ferry to refuse the cluster", |r| {
+            r.node == ferry && r.type_url == CDS && r.error.is_some()
+        })
+        .await;
+    let why = nack.error.unwrap_or_default();
+    assert!(why.contains("without a SAN matcher"), "{why}");
+    o.ads.in_sync(&Oracle::node(1)).await;
+    converge(
+        "Envoy: any server the roots sign",
+        &echoed("evil", &sni),
+        || s.route(binds[1]),
+    )
+    .await;
+    converge(
+        "ferry: the last good cluster, expecting db",
+        &refused_at(&["evil"]),
+        || s.route(binds[0]),
+    )
+    .await;
+}
+
+/// Accepts TCP connections and resets them at once: an instance whose
+/// port is open but that fails every handshake. Counts what it accepted.
+struct Resetter {
+    addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Resetter {
+    async fn start() -> Resetter {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                crate::support::reset_on_close(&c);
+                drop(c);
+            }
+        });
+        Resetter {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What connections through one upstream listener did with a failing
+/// instance beside a healthy one, in two runs: until the failing one had
+/// been tried `consecutive_5xx` times, then (once the proxy says what it
+/// made of that) four more.
+#[derive(Debug, PartialEq, Eq)]
+struct Ejection {
+    /// Connections of the first run that got no echo.
+    failed: usize,
+    /// Of the four after: the ones that tried the failing instance, and
+    /// the ones that got no echo.
+    after: (usize, usize),
+}
+
+/// The first run: connections through `bind` until `tries` (attempts on
+/// the failing instance so far) has grown by `n`; how many failed. Bounded
+/// at `4 n` connections.
+async fn until_tried<F, Fut>(s: &Servers, bind: SocketAddr, n: usize, tries: &F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let start = tries().await;
+    let mut failed = 0;
+    for _ in 0..4 * n {
+        if tries().await >= start + n {
+            break;
+        }
+        let served = matches!(s.route(bind).await, Route::Echoed { server: "good", .. });
+        failed += usize::from(!served);
+    }
+    failed
+}
+
+/// The run after: four connections through `bind`.
+async fn four_more<F, Fut>(s: &Servers, bind: SocketAddr, tries: &F) -> (usize, usize)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let (mut tried, mut failed) = (0, 0);
+    for _ in 0..4 {
+        let before = tries().await;
+        let served = matches!(s.route(bind).await, Route::Echoed { server: "good", .. });
+        tried += usize::from(tries().await > before);
+        failed += usize::from(!served);
+    }
+    (tried, failed)
+}
+
+/// Whether Envoy has ejected host `addr` of `cluster` (`/clusters`).
+async fn envoy_ejected(envoy: &XdsEnvoy, cluster: &str, addr: SocketAddr) -> bool {
+    envoy_host(envoy, cluster, addr, "health_flags")
+        .await
+        .contains("failed_outlier_check")
+}
+
+/// One of Envoy's per-host values in `/clusters`: `<cluster>::<addr>::<what>::<value>`.
+async fn envoy_host(envoy: &XdsEnvoy, cluster: &str, addr: SocketAddr, what: &str) -> String {
+    let key = format!("{cluster}::{addr}::{what}::");
+    envoy
+        .admin("/clusters")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&key).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// ferry's state of instance `addr` of upstream `id`: its consecutive
+/// failures and whether it is ejected.
+fn ferry_instance(ferry: &ferry::Running, id: &str, addr: SocketAddr) -> (usize, bool) {
+    ferry
+        .instances(id)
+        .unwrap_or_default()
+        .iter()
+        .find(|i| i.addr == addr)
+        .map_or((0, false), |i| (i.consecutive_failures as usize, i.ejected))
+}
+
+/// Consul's `passive_health_check` is the cluster's outlier detection;
+/// for tcp_proxy a failed connection (refused, reset, or a handshake that
+/// fails, the server's identity included) counts towards
+/// `consecutive_5xx`. Both proxies stop trying a failing instance after
+/// exactly `consecutive_5xx` failures and send everything to the healthy
+/// one. How a failure reaches the client differs: Envoy's tcp_proxy makes
+/// one connect attempt (`max_connect_attempts`, which Consul leaves at 1),
+/// so each failure closes a client connection; ferry tries the next
+/// instance within the same connection, so no client sees one. And at
+/// Envoy's default `max_ejection_percent` (10%, Consul's unless
+/// `passive_health_check.max_ejection_percent` is set) Envoy ejects nothing
+/// from fewer than ten hosts and keeps failing every other connection,
+/// where ferry ejects whatever the share. Envoy ejects on another thread
+/// than the one that counted: each first run ends on the failure that
+/// reaches the count, and the second starts once Envoy shows what it did.
+#[tokio::test]
+async fn envoy_and_ferry_eject_a_failing_instance_after_consecutive_5xx_failures() {
+    let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
+    let (db, evil) = (o.pki.leaf("db"), o.pki.leaf("evil"));
+    let s = Servers::start(&o.pki, vec![("good", &db), ("impostor", &evil)]).await;
+    let reset = Resetter::start().await;
+    let dead = spare_addr();
+    let impostor = s.addr("impostor");
+    let sni = o.sni("db", "dc1");
+    let n = 3;
+    let outlier = |max_ejection_percent| ClusterOpts {
+        outlier: Some((n as u32, Duration::from_secs(60))),
+        max_ejection_percent,
+        ..Default::default()
+    };
+    // (cluster, the failing instance, outlier detection)
+    let clusters = [
+        ("db-reset", reset.addr, outlier(Some(100))),
+        ("db-dead", dead, outlier(Some(100))),
+        ("db-impostor", impostor, outlier(Some(100))),
+        ("db-default-share", reset.addr, outlier(None)),
+    ];
+    let mut binds = Vec::new();
+    for (name, failing, opts) in &clusters {
+        let hosts = [
+            (0, *failing, ads::HEALTHY),
+            (0, s.addr("good"), ads::HEALTHY),
+        ];
+        o.ads.set(
+            CDS,
+            name,
+            o.cluster_with(name, &sni, &[o.pki.uri("db")], opts),
+        );
+        o.ads.set(EDS, name, ads::cla(name, &hosts));
+        binds.push(o.upstream(name, name).await);
+    }
+    let p = o.start().await;
+    let impostor_server =
+        &s.0.iter()
+            .find(|(n, _)| *n == "impostor")
+            .expect("impostor")
+            .1;
+
+    for (i, (name, failing, _)) in clusters.iter().enumerate() {
+        // Attempts on the failing instance: what it accepted where it
+        // listens, else what each proxy counted.
+        let accepted = || async {
+            match *name {
+                "db-impostor" => impostor_server.counts.accepted(),
+                _ => reset.accepted(),
+            }
+        };
+        let envoy_tries = || async {
+            match *name {
+                "db-dead" => envoy_host(&p.envoy, name, dead, "cx_connect_fail")
+                    .await
+                    .parse()
+                    .unwrap_or(0),
+                _ => accepted().await,
+            }
+        };
+        let ferry_tries = || async {
+            match *name {
+                "db-dead" => ferry_instance(&p.ferry, name, dead).0,
+                _ => accepted().await,
+            }
+        };
+        let share = *name != "db-default-share";
+
+        let failed = until_tried(&s, binds[i][1], n, &envoy_tries).await;
+        if share {
+            converge(&format!("{name}: Envoy ejects"), &true, || {
+                envoy_ejected(&p.envoy, name, *failing)
+            })
+            .await;
+        } else {
+            let overflow = format!("cluster.{name}.outlier_detection.ejections_overflow");
+            converge(&format!("{name}: Envoy over the share"), &true, || async {
+                p.envoy.stat(&overflow).await > 0
+            })
+            .await;
+        }
+        let envoy = Ejection {
+            failed,
+            after: four_more(&s, binds[i][1], &envoy_tries).await,
+        };
+        let failed = until_tried(&s, binds[i][0], n, &ferry_tries).await;
+        converge(&format!("{name}: ferry ejects"), &true, || async {
+            ferry_instance(&p.ferry, name, *failing).1
+        })
+        .await;
+        let ferry = Ejection {
+            failed,
+            after: four_more(&s, binds[i][0], &ferry_tries).await,
+        };
+
+        let ejected = |failed| Ejection {
+            failed,
+            after: (0, 0),
+        };
+        if share {
+            assert_eq!(envoy, ejected(n), "{name}: Envoy, a client's failure each");
+        } else {
+            let round_robin = Ejection {
+                failed: n,
+                after: (2, 2),
+            };
+            assert_eq!(envoy, round_robin, "{name}: Envoy, not ejected");
+            assert!(!envoy_ejected(&p.envoy, name, *failing).await);
+        }
+        assert_eq!(
+            ferry,
+            ejected(0),
+            "{name}: ferry, retried within the connection"
+        );
+    }
 }

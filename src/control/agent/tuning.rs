@@ -17,12 +17,14 @@
 //! Passive health (`passive_health_check`) maps onto ferry's ejection:
 //! `max_failures` consecutive connect/handshake failures eject an instance
 //! for `base_ejection_time` (absent: Envoy's defaults, 5 and 30 s).
-//! `interval` is accepted but not used: ferry ejects on the failure that
-//! crosses the threshold, without waiting for a sweep. `max_ejection_percent`
-//! is accepted but not used: ejected instances stay candidates of last
-//! resort, so ejection alone never leaves an upstream without instances.
-//! `enforcing_consecutive_5xx` is about HTTP status codes, which an L4 proxy
-//! does not see; it is ignored with a note.
+//! `interval` is accepted but not used: ferry, like Envoy for consecutive
+//! failures, ejects on the failure that crosses the threshold (Envoy's
+//! sweeps every `interval` only return hosts to service).
+//! `max_ejection_percent` is accepted but not used: ejected instances stay
+//! candidates of last resort, so ejection alone never leaves an upstream
+//! without instances. `enforcing_consecutive_5xx` (Envoy's chance, in
+//! percent, of acting on such a run of failures; for TCP they are
+//! connection failures) is ignored with a note: ferry always acts.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -252,7 +254,7 @@ fn passive_health_check(
     }
     if enforcing.is_some() {
         notes.push(format!(
-            "{what}.enforcing_consecutive_5xx is ignored: it counts HTTP 5xx answers, which an L4 proxy does not see"
+            "{what}.enforcing_consecutive_5xx is ignored: ferry ejects after every max_failures consecutive failures"
         ));
     }
     let after_failures = match max_failures {

@@ -713,7 +713,11 @@ fn dur(d: Duration) -> Option<PbDuration> {
 pub enum Tls {
     /// Inline leaf and roots (released Consul versions).
     Inline { leaf: Leaf, roots: String },
-    /// By SDS names `connect-leaf` / `connect-root` (newest Consul).
+    /// By SDS names `connect-leaf` / `connect-root`: the newest Consul's
+    /// public listener. Consul's upstream clusters keep inline certificates
+    /// (its SAN matchers need an inline validation context); on a cluster,
+    /// with SANs, this builds the one SDS shape that has both: a combined
+    /// validation context.
     Sds,
 }
 
@@ -746,24 +750,31 @@ fn common(tls: &Tls, sans: &[String]) -> CommonTlsContext {
             ..Default::default()
         },
         Tls::Sds => {
-            assert!(
-                sans.is_empty(),
-                "SAN matchers with SDS roots are not built here"
-            );
+            let roots = SdsSecretConfig {
+                name: "connect-root".into(),
+                sds_config: ads_source(),
+            };
+            // With SAN matchers (an upstream cluster), the roots come by SDS
+            // and the matchers stay in the resource: Envoy's combined
+            // validation context, the one shape that has both.
+            let validation = if sans.is_empty() {
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(roots)
+            } else {
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(validation(None)),
+                        validation_context_sds_secret_config: Some(roots),
+                        ..Default::default()
+                    },
+                )
+            };
             CommonTlsContext {
                 tls_params: Some(Default::default()),
                 tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
                     name: "connect-leaf".into(),
                     sds_config: ads_source(),
                 }],
-                validation_context_type: Some(
-                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                        SdsSecretConfig {
-                            name: "connect-root".into(),
-                            sds_config: ads_source(),
-                        },
-                    ),
-                ),
+                validation_context_type: Some(validation),
                 ..Default::default()
             }
         }
@@ -937,6 +948,48 @@ pub fn local_app_on_pipe(path: &Path) -> Any {
     static_local_app(pipe(path, 0))
 }
 
+/// [`local_app`] with Consul's `max_inbound_connections`
+/// (`clusters/custom-max-inbound-connections`-style): a circuit breaker of
+/// `max` connections on the local app cluster.
+pub fn local_app_limited(app: SocketAddr, max: u32) -> Any {
+    let mut c = Cluster::decode(local_app(app).value.as_slice()).expect("a cluster");
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: Some(UInt32Value { value: max }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    any(&c)
+}
+
+/// The other half of Consul's `max_inbound_connections`: its
+/// `envoy.filters.network.connection_limit` filter, which `makeInboundListener`
+/// puts on the public listener's chain before `tcp_proxy` (RBAC is then
+/// prepended before both).
+pub fn connection_limit(max: u64) -> Filter {
+    use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
+    use envoy_types::pb::google::protobuf::UInt64Value;
+    typed(
+        "envoy.filters.network.connection_limit",
+        any(&ConnectionLimit {
+            stat_prefix: "inbound_connection_limit".into(),
+            max_connections: Some(UInt64Value { value: max }),
+            ..Default::default()
+        }),
+    )
+}
+
+/// `listener` (a public listener fixture) with `filter` inserted before its
+/// last filter (`tcp_proxy`).
+pub fn with_filter_before_tcp_proxy(listener: &Any, filter: Filter) -> Any {
+    let mut l = Listener::decode(listener.value.as_slice()).expect("a listener");
+    let filters = &mut l.filter_chains[0].filters;
+    let at = filters.len() - 1;
+    filters.insert(at, filter);
+    any(&l)
+}
+
 fn static_local_app(address: Option<Address>) -> Any {
     any(&Cluster {
         name: "local_app".into(),
@@ -968,6 +1021,10 @@ pub struct ClusterOpts {
     pub max_connections: Option<u32>,
     /// consecutive_5xx, base_ejection_time.
     pub outlier: Option<(u32, Duration)>,
+    /// With `outlier`: Consul's `passive_health_check.max_ejection_percent`
+    /// (Envoy's default is 10%, and it then ejects nothing from a cluster
+    /// of fewer than ten hosts).
+    pub max_ejection_percent: Option<u32>,
 }
 
 /// `clusters/defaults.latest.golden`'s upstream cluster: EDS over ADS,
@@ -1007,6 +1064,7 @@ pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &Cluste
         outlier_detection: o.outlier.map(|(n, base)| OutlierDetection {
             consecutive_5xx: Some(UInt32Value { value: n }),
             base_ejection_time: dur(base),
+            max_ejection_percent: o.max_ejection_percent.map(|value| UInt32Value { value }),
             ..Default::default()
         }),
         transport_socket: Some(TransportSocket {

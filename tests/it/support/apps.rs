@@ -114,6 +114,8 @@ pub struct TlsEchoServer {
     pub counts: Arc<Counts>,
     /// The SNI of every completed handshake, in order.
     pub snis: Arc<Mutex<Vec<Option<String>>>>,
+    /// The serial of the client's leaf in every completed handshake, in order.
+    pub client_serials: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -132,15 +134,26 @@ impl TlsEchoServer {
         let acceptor = TlsAcceptor::from(config);
         let counts = Arc::new(Counts::default());
         let snis = Arc::new(Mutex::new(Vec::new()));
-        let (c, seen) = (counts.clone(), snis.clone());
+        let client_serials = Arc::new(Mutex::new(Vec::new()));
+        let (c, seen, serials) = (counts.clone(), snis.clone(), client_serials.clone());
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 c.accepted.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
-                let (c, seen) = (c.clone(), seen.clone());
+                let (c, seen, serials) = (c.clone(), seen.clone(), serials.clone());
                 tokio::spawn(async move {
                     if let Ok(mut tls) = acceptor.accept(s).await {
                         let sni = tls.get_ref().1.server_name().map(str::to_string);
+                        let serial = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| ferry::identity::peer_identity(c).ok())
+                            .map(|p| p.serial)
+                            .unwrap_or_default();
+                        // The serial first: a reader that sees the SNI sees it too.
+                        serials.lock().unwrap().push(serial);
                         seen.lock().unwrap().push(sni);
                         echo(&mut tls).await;
                     }
@@ -152,6 +165,7 @@ impl TlsEchoServer {
             addr,
             counts,
             snis,
+            client_serials,
             task,
         }
     }

@@ -19,7 +19,10 @@
 //!   never a fixed pause after which a test assumes something happened.
 //! - Use fixed ports: listeners bind 127.0.0.1:0 and report their address;
 //!   a test that needs a port before anything binds it takes one from the
-//!   kernel ([`dead_addr`]) and says why.
+//!   kernel ([`dead_addr`]) and says why, or, when a proxy binds it later
+//!   while other tests open many connections, one below the kernel's
+//!   ephemeral range that no other socket is given meanwhile
+//!   ([`spare_addr`]).
 //! - Touch the process environment: nothing sets or removes variables;
 //!   in-process ferries read their configuration with [`NO_ENV`], and the
 //!   binary starts from a cleared environment (only allocator tuning,

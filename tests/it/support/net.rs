@@ -70,6 +70,41 @@ pub async fn dead_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
+/// An address on 127.0.0.1 where nothing listens, for a listener a test
+/// must name before anything binds it (an xDS listener's address is part
+/// of the resource). Unlike [`dead_addr`] the port is below the kernel's
+/// ephemeral range (`ip_local_port_range`), from which both `bind(…:0)`
+/// and outgoing connections take theirs, so between this call and the
+/// bind no other socket of the host is given the port by the kernel,
+/// however many connections parallel tests open. Each port is checked free
+/// and handed out once per process.
+pub fn spare_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    let &(base, span) = RANGE.get_or_init(|| {
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .filter(|low| *low >= 4096)
+            .unwrap_or(32768);
+        let span = low / 2;
+        // Another test process walks from elsewhere.
+        let start = (std::process::id() * 7919) % span;
+        NEXT.store(start, Ordering::Relaxed);
+        (low - span, span)
+    });
+    for _ in 0..span {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let addr = loopback(port as u16);
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
 /// Makes closing `s` send a TCP reset instead of a FIN (SO_LINGER 0), so
 /// dropping it afterwards is an abrupt failure, not an orderly close.
 pub fn reset_on_close(s: &TcpStream) {

@@ -114,6 +114,7 @@ impl Held {
                     certs,
                     rbac: r,
                     cluster,
+                    conn_limit,
                 } => {
                     let Some(c) = self.clusters.get(cluster) else {
                         return Assembly::Warming(format!(
@@ -133,9 +134,14 @@ impl Held {
                     // `unix:/path` for a socket, as registration mode spells it.
                     service_addr = app.to_string();
                     local_connect_timeout = c.connect_timeout;
-                    // Consul's `max_inbound_connections`: the local app
-                    // cluster's circuit breaker.
-                    max_inbound_conns = c.max_conns;
+                    // Consul's `max_inbound_connections`, in both places
+                    // it puts it: the local app cluster's circuit breaker
+                    // and the listener's `connection_limit` filter. Envoy
+                    // enforces each; the smaller decides.
+                    max_inbound_conns = match (c.max_conns, *conn_limit) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     rbac = r.clone();
                 }
                 ListenerSpec::Upstream { id, bind, cluster } => {
@@ -156,26 +162,20 @@ impl Held {
                     let mut chosen: Vec<Target> = Vec::new();
                     let mut sans = Vec::new();
                     let mut first_tls = None;
+                    let mut first_leg = None;
                     let mut tier = 0;
-                    // Consul puts outlier detection and circuit breakers on
-                    // an aggregate's legs, not on the aggregate: the first
-                    // leg's stand for the upstream (they come from the same
-                    // upstream settings).
-                    let mut ejection = c.ejection;
-                    let mut max_conns = c.max_conns;
                     for leg in legs {
                         let Some(lc) = self.clusters.get(leg) else {
                             return Assembly::Warming(format!(
                                 "cluster {cluster}: waiting for leg {leg}"
                             ));
                         };
+                        first_leg.get_or_insert(lc);
                         let Some(tls) = &lc.tls else {
                             return Assembly::Warming(format!("cluster {leg}: no upstream TLS"));
                         };
                         if first_tls.is_none() {
                             first_tls = Some(tls.clone());
-                            ejection = ejection.or(lc.ejection);
-                            max_conns = max_conns.or(lc.max_conns);
                         }
                         let Some(eps) = self.endpoints.get(leg) else {
                             return Assembly::Warming(format!(
@@ -216,13 +216,20 @@ impl Held {
                     }
                     instances.insert(id.clone(), chosen);
                     expected.insert(id.clone(), sans);
+                    // Connect timeout, circuit breaker and outlier detection
+                    // are the hosts' cluster's: for an aggregate, its legs'
+                    // (Consul gives every leg the upstream's settings and the
+                    // aggregate none). One set applies to the upstream, the
+                    // first leg's, so that a failover between legs does not
+                    // change the listener's configuration.
+                    let limits = first_leg.unwrap_or(c);
                     upstreams.push(UpstreamConfig {
                         name: id.clone(),
                         bind: bind.clone(),
                         discovery: Discovery::ControlPlane,
-                        deadline: c.connect_timeout,
-                        max_conns,
-                        ejection,
+                        deadline: limits.connect_timeout,
+                        max_conns: limits.max_conns,
+                        ejection: limits.ejection,
                     });
                 }
             }
@@ -264,6 +271,7 @@ mod tests {
     use super::super::LOCAL_APP;
     use super::*;
     use crate::config::{BindAddr, UnixBind};
+    use crate::proxy::balancer::EjectionPolicy;
     use crate::proxy::net::LocalApp;
 
     fn inline() -> Certs {
@@ -285,6 +293,7 @@ mod tests {
                 certs: inline(),
                 rbac: RbacChain::default(),
                 cluster: LOCAL_APP.into(),
+                conn_limit: None,
             },
         );
         held.clusters.insert(
@@ -343,6 +352,72 @@ mod tests {
         assert_eq!(db.max_conns, Some(3), "the upstream's own breaker");
         assert!(set.expose.is_empty(), "no exposed paths over xDS");
         assert_eq!((set.metrics_bind, set.stats_bind), (None, None));
+    }
+
+    #[test]
+    fn an_aggregate_upstream_takes_its_first_legs_timeout_breaker_and_ejection() {
+        use std::time::Duration;
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        let mut held = held(LocalApp::Tcp("127.0.0.1:8080".into()), tcp);
+        // `clusters/connect-proxy-with-chain-and-failover`: the aggregate
+        // carries none of the upstream's settings, each leg all of them.
+        let leg = held.clusters["db.c"].clone();
+        let policy = EjectionPolicy {
+            after_failures: 2,
+            duration: Duration::from_secs(45),
+        };
+        let legs = ["failover-target~0~db.c", "failover-target~1~db.c"];
+        for (i, name) in legs.iter().enumerate() {
+            let mut c = leg.clone();
+            c.connect_timeout = Some(Duration::from_secs(2 + i as u64));
+            c.max_conns = Some(5 + i);
+            c.ejection = Some(policy);
+            held.clusters.insert(name.to_string(), c);
+            held.endpoints
+                .insert(name.to_string(), held.endpoints["db.c"].clone());
+        }
+        held.clusters.insert(
+            "db.c".into(),
+            ClusterSpec {
+                kind: ClusterKind::Aggregate(legs.iter().map(|l| l.to_string()).collect()),
+                connect_timeout: Some(Duration::from_secs(5)),
+                max_conns: None,
+                ejection: None,
+                tls: None,
+            },
+        );
+        let Assembly::Ready(view, _) = held.assemble("web") else {
+            panic!("every reference is held: the view is complete");
+        };
+        let [db] = view.listeners.upstreams.as_slice() else {
+            panic!("one upstream: {:?}", view.listeners.upstreams);
+        };
+        assert_eq!(db.deadline, Some(Duration::from_secs(2)));
+        assert_eq!(db.max_conns, Some(5));
+        assert_eq!(db.ejection, Some(policy));
+    }
+
+    #[test]
+    fn the_smaller_of_the_local_app_breaker_and_the_connection_limit_caps_the_public_listener() {
+        let tcp = BindAddr::Tcp("127.0.0.1:9191".parse().unwrap());
+        let cap = |breaker: Option<usize>, filter: Option<usize>| {
+            let mut held = held(LocalApp::Tcp("127.0.0.1:8080".into()), tcp.clone());
+            held.clusters.get_mut(LOCAL_APP).unwrap().max_conns = breaker;
+            for l in held.listeners.values_mut() {
+                if let ListenerSpec::Public { conn_limit, .. } = l {
+                    *conn_limit = filter;
+                }
+            }
+            let Assembly::Ready(view, _) = held.assemble("web") else {
+                panic!("every reference is held: the view is complete");
+            };
+            view.listeners.max_inbound_conns
+        };
+        assert_eq!(cap(Some(7), Some(3)), Some(3));
+        assert_eq!(cap(Some(2), Some(3)), Some(2));
+        assert_eq!(cap(None, Some(3)), Some(3), "the filter alone");
+        assert_eq!(cap(Some(7), None), Some(7), "the breaker alone");
+        assert_eq!(cap(None, None), None, "ferry's own -max-conns");
     }
 
     #[test]

@@ -20,9 +20,11 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
+use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context, secret, CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext,
+    common_tls_context, secret, CertificateValidationContext, CommonTlsContext,
+    DownstreamTlsContext, Secret, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::Any;
@@ -45,6 +47,8 @@ const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const CONNECTION_LIMIT: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit";
 const DOWNSTREAM_TLS: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const UPSTREAM_TLS: &str =
@@ -76,6 +80,9 @@ pub enum ListenerSpec {
         certs: Certs,
         rbac: RbacChain,
         cluster: String,
+        /// `connection_limit` filters (Consul's `max_inbound_connections`):
+        /// the smallest of their `max_connections`.
+        conn_limit: Option<usize>,
     },
     /// A plaintext upstream listener → a cluster: on TCP, or on a Unix
     /// socket file (`local_bind_socket_path`, sent as a `pipe`).
@@ -252,6 +259,7 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
     }
     let mut rbac = Vec::new();
     let mut cluster = None;
+    let mut conn_limit: Option<usize> = None;
     for f in &chain.filters {
         let fwhat = format!("{what} filter {}", f.name);
         let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
@@ -262,6 +270,10 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
         }
         match tc.type_url.as_str() {
             RBAC => rbac.push(rbac_filter(&decode(tc, RBAC, &fwhat)?, &fwhat)?),
+            CONNECTION_LIMIT => {
+                let max = connection_limit(&decode(tc, CONNECTION_LIMIT, &fwhat)?, &fwhat)?;
+                conn_limit = Some(conn_limit.map_or(max, |m| m.min(max)));
+            }
             TCP_PROXY => {
                 let t: TcpProxy = decode(tc, TCP_PROXY, &fwhat)?;
                 match t.cluster_specifier {
@@ -304,11 +316,18 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
                 certs,
                 rbac: RbacChain(rbac),
                 cluster,
+                conn_limit,
             }
         }
         None => {
             if !rbac.is_empty() {
                 return refuse(&what, "RBAC on a plaintext listener is not supported");
+            }
+            if conn_limit.is_some() {
+                return refuse(
+                    &what,
+                    "connection_limit on a plaintext listener is not supported (the cluster's circuit breaker caps an upstream)",
+                );
             }
             let bind = match addr {
                 Addr::Ip(a) => BindAddr::Tcp(a),
@@ -322,6 +341,24 @@ pub fn listener(any: &Any) -> Result<(String, ListenerSpec), Refused> {
         }
     };
     Ok((l.name, spec))
+}
+
+/// A `connection_limit` filter's cap. Consul sets only `max_connections`;
+/// a `delay` before closing, or a runtime switch, has no equivalent.
+fn connection_limit(c: &ConnectionLimit, what: &str) -> Result<usize, Refused> {
+    if c.delay
+        .as_ref()
+        .is_some_and(|d| d.seconds != 0 || d.nanos != 0)
+    {
+        return refuse(what, "a delay before closing is not supported");
+    }
+    if c.runtime_enabled.is_some() {
+        return refuse(what, "runtime_enabled is not supported");
+    }
+    match c.max_connections.map(|m| m.value) {
+        Some(n) if n > 0 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        _ => refuse(what, "max_connections must be at least 1"),
+    }
 }
 
 /// `db:127.0.0.1:9191` → `db`, and for a socket (Consul names it
@@ -376,6 +413,27 @@ fn inline(d: &Option<DataSource>, what: &str) -> Result<String, Refused> {
     }
 }
 
+/// The exact SAN URIs a validation context accepts (any one of them).
+fn san_matchers(v: &CertificateValidationContext, what: &str) -> Result<Vec<String>, Refused> {
+    let mut sans = Vec::new();
+    // Deprecated in Envoy, but what released Consul sends.
+    #[allow(deprecated)]
+    let legacy = &v.match_subject_alt_names;
+    for m in legacy {
+        match &m.match_pattern {
+            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => sans.push(s.clone()),
+            _ => return refuse(what, "only exact SAN matchers are supported"),
+        }
+    }
+    for m in &v.match_typed_subject_alt_names {
+        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
+            _ => return refuse(what, "only exact SAN matchers are supported"),
+        }
+    }
+    Ok(sans)
+}
+
 fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
     if let Some(p) = &c.tls_params {
         if !p.cipher_suites.is_empty()
@@ -411,6 +469,27 @@ fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
             leaf: leaf.name.clone(),
             roots: r.name.clone(),
         }),
+        // The one shape with both SDS roots and SAN matchers: the roots
+        // from the secret, the matchers (read by the caller) from the
+        // default context, which must not bring roots of its own.
+        (
+            [],
+            [leaf],
+            Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)),
+        ) => match (
+            &cv.validation_context_sds_secret_config,
+            &cv.default_validation_context,
+        ) {
+            (Some(_), Some(d)) if d.trusted_ca.is_some() => refuse(
+                what,
+                "a combined validation context with roots of its own besides the SDS secret's",
+            ),
+            (Some(r), _) => Ok(Certs::Sds {
+                leaf: leaf.name.clone(),
+                roots: r.name.clone(),
+            }),
+            (None, _) => refuse(what, "a combined validation context without its SDS secret"),
+        },
         _ => refuse(
             what,
             "expected one inline certificate with inline roots, or SDS leaf and roots",
@@ -496,25 +575,14 @@ pub fn cluster(any: &Any) -> Result<(String, ClusterSpec), Refused> {
             let certs = certs(common, &what)?;
             let sans = match &common.validation_context_type {
                 Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
-                    let mut sans = Vec::new();
-                    // Deprecated in Envoy, but what released Consul sends.
-                    #[allow(deprecated)]
-                    let legacy = &v.match_subject_alt_names;
-                    for m in legacy {
-                        match &m.match_pattern {
-                            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => {
-                                sans.push(s.clone())
-                            }
-                            _ => return refuse(&what, "only exact SAN matchers are supported"),
-                        }
+                    san_matchers(v, &what)?
+                }
+                // Roots by SDS, the SAN matchers in the resource.
+                Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)) => {
+                    match &cv.default_validation_context {
+                        Some(v) => san_matchers(v, &what)?,
+                        None => Vec::new(),
                     }
-                    for m in &v.match_typed_subject_alt_names {
-                        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
-                            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
-                            _ => return refuse(&what, "only exact SAN matchers are supported"),
-                        }
-                    }
-                    sans
                 }
                 _ => Vec::new(),
             };
@@ -983,5 +1051,205 @@ mod tests {
             e.0.contains("unix socket address refused: the public listener"),
             "{e}"
         );
+    }
+
+    /// A public listener on TCP with SDS certificates and these filters.
+    fn public_with(filters: Vec<Any>) -> Any {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+        use envoy_types::pb::google::protobuf::BoolValue;
+        let sds = |name: &str| SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let ctx = DownstreamTlsContext {
+            require_client_certificate: Some(BoolValue { value: true }),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        sds("connect-root"),
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let public = listener_with("public_listener:127.0.0.1:9191", tcp(LOCAL_APP));
+        let Ok(mut l) = Listener::decode(public.value.as_slice()) else {
+            panic!("decode");
+        };
+        l.filter_chains[0].filters = filters
+            .into_iter()
+            .map(|a| Filter {
+                name: "f".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(a)),
+            })
+            .collect();
+        l.filter_chains[0].transport_socket = Some(TransportSocket {
+            name: "tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+        });
+        any_of(&l)
+    }
+
+    fn limit(max: u64) -> ConnectionLimit {
+        ConnectionLimit {
+            stat_prefix: "inbound_connection_limit".into(),
+            max_connections: Some(envoy_types::pb::google::protobuf::UInt64Value { value: max }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn consuls_connection_limit_filter_caps_the_public_listener() {
+        // `makeInboundListener` with `max_inbound_connections`: the limit
+        // before tcp_proxy (RBAC, when present, is prepended to both).
+        let l = public_with(vec![any_of(&limit(64)), tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&l).unwrap();
+        assert!(
+            matches!(
+                spec,
+                ListenerSpec::Public {
+                    conn_limit: Some(64),
+                    ..
+                }
+            ),
+            "{spec:?}"
+        );
+        let two = public_with(vec![any_of(&limit(9)), any_of(&limit(4)), tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&two).unwrap();
+        assert!(
+            matches!(
+                spec,
+                ListenerSpec::Public {
+                    conn_limit: Some(4),
+                    ..
+                }
+            ),
+            "the smallest of several: {spec:?}"
+        );
+        let none = public_with(vec![tcp(LOCAL_APP)]);
+        let (_, spec) = listener(&none).unwrap();
+        assert!(matches!(
+            spec,
+            ListenerSpec::Public {
+                conn_limit: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_connection_limit_ferry_cannot_honour_is_refused_with_a_reason() {
+        let mut delayed = limit(8);
+        delayed.delay = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+        let e = listener(&public_with(vec![any_of(&delayed), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("delay"), "{e}");
+        let e = listener(&public_with(vec![any_of(&limit(0)), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("at least 1"), "{e}");
+        let mut switched = limit(8);
+        switched.runtime_enabled = Some(Default::default());
+        let e = listener(&public_with(vec![any_of(&switched), tcp(LOCAL_APP)])).unwrap_err();
+        assert!(e.0.contains("runtime_enabled"), "{e}");
+        let upstream = listener_with("db:127.0.0.1:9191", any_of(&limit(8)));
+        let Ok(mut u) = Listener::decode(upstream.value.as_slice()) else {
+            panic!("decode");
+        };
+        u.filter_chains[0].filters.push(Filter {
+            name: "tcp".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(tcp("db.c"))),
+        });
+        let e = listener(&any_of(&u)).unwrap_err();
+        assert!(e.0.contains("plaintext listener"), "{e}");
+    }
+
+    /// An EDS cluster `db` with this upstream TLS context.
+    fn db_with_tls(common: CommonTlsContext) -> Any {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        let ctx = UpstreamTlsContext {
+            sni: "db.default.dc1.internal.example".into(),
+            common_tls_context: Some(common),
+            ..Default::default()
+        };
+        any_of(&Cluster {
+            name: "db".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            )),
+            transport_socket: Some(TransportSocket {
+                name: "tls".into(),
+                config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_upstream_cluster_may_take_sds_roots_with_its_san_matchers_in_a_combined_context() {
+        use common_tls_context::{CombinedCertificateValidationContext, ValidationContextType};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+        use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+        let sds = |name: &str| SdsSecretConfig {
+            name: name.into(),
+            ..Default::default()
+        };
+        let db = "spiffe://example/ns/default/dc/dc1/svc/db";
+        #[allow(deprecated)]
+        let matchers = CertificateValidationContext {
+            match_subject_alt_names: vec![StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(db.into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let combined = |default: Option<CertificateValidationContext>, roots: bool| {
+            db_with_tls(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+                validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: default,
+                        validation_context_sds_secret_config: roots.then(|| sds("connect-root")),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            })
+        };
+        let (_, spec) = cluster(&combined(Some(matchers.clone()), true)).unwrap();
+        let tls = spec.tls.expect("upstream TLS");
+        assert_eq!(tls.sans, vec![db.to_string()]);
+        assert_eq!(
+            tls.certs,
+            Certs::Sds {
+                leaf: "connect-leaf".into(),
+                roots: "connect-root".into()
+            }
+        );
+        // No SAN matcher, however the roots come: ferry will not accept
+        // any server the roots sign.
+        let e = cluster(&combined(None, true)).unwrap_err();
+        assert!(e.0.contains("without a SAN matcher"), "{e}");
+        let sds_roots = db_with_tls(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                sds("connect-root"),
+            )),
+            ..Default::default()
+        });
+        let e = cluster(&sds_roots).unwrap_err();
+        assert!(e.0.contains("without a SAN matcher"), "{e}");
+        let e = cluster(&combined(Some(matchers.clone()), false)).unwrap_err();
+        assert!(e.0.contains("without its SDS secret"), "{e}");
+        let mut own_roots = matchers;
+        own_roots.trusted_ca = Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineString("roots".into())),
+            ..Default::default()
+        });
+        let e = cluster(&combined(Some(own_roots), true)).unwrap_err();
+        assert!(e.0.contains("roots of its own"), "{e}");
     }
 }
