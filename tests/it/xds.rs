@@ -647,10 +647,7 @@ async fn aggregate_failover_legs_use_their_own_sni_and_identity() {
     let db = s.pki.leaf("db");
     let remote = TlsEchoServer::start(&s.pki, &db).await;
     let primary = "db.default.dc1.internal.test";
-    let legs = [
-        format!("failover-target~0~{primary}"),
-        format!("failover-target~1~{primary}"),
-    ];
+    let legs = ads::failover_legs(primary);
     let dc2_sni = format!("db.default.dc2.internal.{}", s.pki.trust_domain());
     s.ads
         .set(CDS, primary, ads::aggregate_cluster(primary, &legs));
@@ -838,10 +835,7 @@ async fn an_ejected_aggregate_leg_hands_over_with_the_next_legs_sni_and_identity
         .expect("dc2 leaf");
     let remote = TlsEchoServer::start(&s.pki, &dc2_leaf).await;
     let dead = dead_addr().await;
-    let legs = [
-        format!("failover-target~0~{DB_CLUSTER}"),
-        format!("failover-target~1~{DB_CLUSTER}"),
-    ];
+    let legs = ads::failover_legs(DB_CLUSTER);
     let dc2_sni = crate::support::envoy::sni("db", "dc2", s.pki.trust_domain());
     let opts = ClusterOpts {
         outlier: Some((1, Duration::from_secs(60))),

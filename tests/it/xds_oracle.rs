@@ -225,6 +225,29 @@ impl Oracle {
         ads::eds_cluster(name, sni, sans, &self.tls(), opts)
     }
 
+    /// `db`'s leaf in dc2.
+    fn db_in_dc2(&self) -> Leaf {
+        self.pki
+            .ca
+            .leaf("db", "dc2", Duration::from_secs(3600))
+            .expect("dc2 leaf")
+    }
+
+    /// `DB_CLUSTER` as an aggregate failing over from dc1 to dc2
+    /// (`clusters/connect-proxy-with-chain-and-failover`): each leg with its
+    /// datacenter's SNI and identity. The legs, and their SNIs.
+    fn cross_dc_failover(&self) -> ([String; 2], [String; 2]) {
+        let legs = ads::failover_legs(DB_CLUSTER);
+        let snis = [self.sni("db", "dc1"), self.sni("db", "dc2")];
+        self.ads
+            .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));
+        for ((leg, sni), dc) in legs.iter().zip(&snis).zip(["dc1", "dc2"]) {
+            let san = self.pki.ca.spiffe_uri(dc, "db");
+            self.ads.set(CDS, leg, self.cluster(leg, sni, &[san]));
+        }
+        (legs, snis)
+    }
+
     /// Starts Envoy and ferry, each from its own bootstrap.
     async fn start(&self) -> Proxies {
         let boot = |side: usize| {
@@ -511,33 +534,12 @@ async fn envoy_and_ferry_fail_over_across_priorities_in_the_same_order() {
 #[tokio::test]
 async fn envoy_and_ferry_fail_over_across_aggregate_legs_each_with_its_own_sni() {
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
-    let db = o.pki.leaf("db");
-    let db_dc2 = o
-        .pki
-        .ca
-        .leaf("db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let (db, db_dc2) = (o.pki.leaf("db"), o.db_in_dc2());
     // The second leg's endpoint stands in for dc2's mesh gateway, which
     // would route on the SNI; the handshake is end to end with db in dc2.
     let s = Servers::start(&o.pki, vec![("local", &db), ("remote", &db_dc2)]).await;
     let primary = DB_CLUSTER;
-    let legs = [
-        format!("failover-target~0~{primary}"),
-        format!("failover-target~1~{primary}"),
-    ];
-    let (sni1, sni2) = (o.sni("db", "dc1"), o.sni("db", "dc2"));
-    o.ads
-        .set(CDS, primary, ads::aggregate_cluster(primary, &legs));
-    o.ads.set(
-        CDS,
-        &legs[0],
-        o.cluster(&legs[0], &sni1, &[o.pki.ca.spiffe_uri("dc1", "db")]),
-    );
-    o.ads.set(
-        CDS,
-        &legs[1],
-        o.cluster(&legs[1], &sni2, &[o.pki.ca.spiffe_uri("dc2", "db")]),
-    );
+    let (legs, [sni1, sni2]) = o.cross_dc_failover();
     let (local, remote) = (s.addr("local"), s.addr("remote"));
     let (up, down) = (ads::HEALTHY, ads::UNHEALTHY);
     o.ads.set(EDS, &legs[0], ads::cla(&legs[0], &[]));
@@ -698,30 +700,9 @@ async fn a_failover_leg_checks_its_own_identity_in_envoy_and_ferry() {
     // Leg 0 expects db in dc1, leg 1 db in dc2; a server presenting the
     // other leg's identity is refused, and a refusal does not fail over.
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
-    let db = o.pki.leaf("db");
-    let db_dc2 = o
-        .pki
-        .ca
-        .leaf("db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let (db, db_dc2) = (o.pki.leaf("db"), o.db_in_dc2());
     let s = Servers::start(&o.pki, vec![("db", &db), ("db-in-dc2", &db_dc2)]).await;
-    let legs = [
-        format!("failover-target~0~{DB_CLUSTER}"),
-        format!("failover-target~1~{DB_CLUSTER}"),
-    ];
-    let (sni1, sni2) = (o.sni("db", "dc1"), o.sni("db", "dc2"));
-    o.ads
-        .set(CDS, DB_CLUSTER, ads::aggregate_cluster(DB_CLUSTER, &legs));
-    o.ads.set(
-        CDS,
-        &legs[0],
-        o.cluster(&legs[0], &sni1, &[o.pki.ca.spiffe_uri("dc1", "db")]),
-    );
-    o.ads.set(
-        CDS,
-        &legs[1],
-        o.cluster(&legs[1], &sni2, &[o.pki.ca.spiffe_uri("dc2", "db")]),
-    );
+    let (legs, [_, sni2]) = o.cross_dc_failover();
     let (dc1, dc2) = (s.addr("db"), s.addr("db-in-dc2"));
     let up = ads::HEALTHY;
     o.ads
@@ -948,10 +929,7 @@ async fn over_a_failover_legs_limit_envoy_queues_the_connection_where_ferry_refu
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
     let db = o.pki.leaf("db");
     let s = Servers::start(&o.pki, vec![("db", &db)]).await;
-    let legs = [
-        format!("failover-target~0~{DB_CLUSTER}"),
-        format!("failover-target~1~{DB_CLUSTER}"),
-    ];
+    let legs = ads::failover_legs(DB_CLUSTER);
     let sni = o.sni("db", "dc1");
     let one = ClusterOpts {
         max_connections: Some(1),

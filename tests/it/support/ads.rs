@@ -1081,6 +1081,12 @@ pub fn eds_cluster(name: &str, sni: &str, sans: &[String], tls: &Tls, o: &Cluste
     })
 }
 
+/// The names Consul gives the two legs of `primary`'s failover
+/// (`failover-target~N~<primary>`), in order.
+pub fn failover_legs(primary: &str) -> [String; 2] {
+    [0, 1].map(|n| format!("failover-target~{n}~{primary}"))
+}
+
 /// `clusters/connect-proxy-with-chain-and-failover.latest.golden`: an
 /// aggregate cluster over failover legs.
 pub fn aggregate_cluster(name: &str, legs: &[String]) -> Any {

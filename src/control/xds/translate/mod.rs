@@ -1017,35 +1017,11 @@ mod tests {
 
     #[test]
     fn a_public_listener_on_a_pipe_is_refused_with_a_reason() {
-        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
-        use envoy_types::pb::google::protobuf::BoolValue;
-        let sds = |name: &str| SdsSecretConfig {
-            name: name.into(),
-            ..Default::default()
-        };
-        let ctx = DownstreamTlsContext {
-            require_client_certificate: Some(BoolValue { value: true }),
-            common_tls_context: Some(CommonTlsContext {
-                tls_certificate_sds_secret_configs: vec![sds("connect-leaf")],
-                validation_context_type: Some(
-                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                        sds("connect-root"),
-                    ),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let public = listener_with("public_listener:x", tcp(LOCAL_APP));
+        let public = public_with(vec![tcp(LOCAL_APP)]);
         let Ok(mut l) = Listener::decode(public.value.as_slice()) else {
             panic!("decode");
         };
         l.address = pipe_addr("/run/public.sock", 0);
-        l.filter_chains[0].transport_socket = Some(TransportSocket {
-            name: "tls".into(),
-            config_type: Some(ConfigType::TypedConfig(any_of(&ctx))),
-        });
         let e = listener(&any_of(&l)).unwrap_err();
         assert!(
             e.0.contains("unix socket address refused: the public listener"),
