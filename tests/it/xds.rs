@@ -370,6 +370,15 @@ async fn add_db(
     bind
 }
 
+/// Upstream `db` with one healthy instance, db itself: the instance and
+/// the upstream listener's address.
+async fn one_db(s: &Sidecar) -> (TlsEchoServer, SocketAddr) {
+    let db = TlsEchoServer::start(&s.pki, &s.pki.leaf("db")).await;
+    let hosts = [(0, db.addr, ads::HEALTHY)];
+    let bind = add_db(s, "db", "db", &ClusterOpts::default(), &hosts).await;
+    (db, bind)
+}
+
 #[tokio::test]
 async fn upstream_over_eds_sends_the_sni_checks_the_identity_and_endpoint_changes_hit_new_connections_only(
 ) {
@@ -1009,15 +1018,7 @@ fn socket_path(s: &Sidecar, name: &str) -> PathBuf {
 async fn an_upstream_listener_moved_to_a_unix_socket_rebinds_with_its_mode_and_reaches_the_mtls_upstream(
 ) {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
-    let db = TlsEchoServer::start(&s.pki, &s.pki.leaf("db")).await;
-    let bind = add_db(
-        &s,
-        "db",
-        "db",
-        &ClusterOpts::default(),
-        &[(0, db.addr, ads::HEALTHY)],
-    )
-    .await;
+    let (db, bind) = one_db(&s).await;
     let ferry = s.start().await;
     assert_echo(bind, b"to db over TCP first").await;
 
@@ -1064,15 +1065,7 @@ async fn a_local_app_on_a_unix_socket_is_reached_through_the_public_listener() {
 async fn a_pipe_where_no_socket_can_serve_is_nacked_with_the_reason_and_the_last_good_state_serves()
 {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
-    let db = TlsEchoServer::start(&s.pki, &s.pki.leaf("db")).await;
-    let bind = add_db(
-        &s,
-        "db",
-        "db",
-        &ClusterOpts::default(),
-        &[(0, db.addr, ads::HEALTHY)],
-    )
-    .await;
+    let (_db, bind) = one_db(&s).await;
     let ferry = s.start().await;
     let addr = ferry.inbound.expect("public");
     let api = s.pki.leaf("api");
