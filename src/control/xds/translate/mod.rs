@@ -14,34 +14,33 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
-use envoy_types::pb::envoy::config::core::v3::{
-    address, data_source, socket_address, Address, DataSource, Pipe, TransportSocket,
-};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateConfig;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context, secret, CertificateValidationContext, CommonTlsContext,
-    DownstreamTlsContext, Secret, UpstreamTlsContext,
+    common_tls_context, secret, DownstreamTlsContext, Secret, UpstreamTlsContext,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use rustls::pki_types::ServerName;
 
 use super::{CDS, EDS, LDS, SDS};
 use crate::authz::rbac::RbacChain;
-use crate::config::{BindAddr, UnixBind};
+use crate::config::BindAddr;
 use crate::proxy::balancer::EjectionPolicy;
 use crate::proxy::net::LocalApp;
 
+mod addr;
 mod assemble;
 mod rbac;
+mod tls;
 
+use addr::{address, ip_addr, Addr};
 pub use assemble::{Assembled, Assembly, Held, Instances};
 use rbac::rbac_filter;
+use tls::{certs, inline, san_matchers, transport};
 
 const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -156,79 +155,6 @@ fn duration(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> Option<D
     d.as_ref().map(|d| {
         Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
     })
-}
-
-/// An Envoy `Address` ferry can use: an IP and port, or a Unix socket.
-enum Addr {
-    Ip(SocketAddr),
-    Pipe(UnixBind),
-}
-
-fn address(a: &Option<Address>, what: &str) -> Result<Addr, Refused> {
-    match a.as_ref().and_then(|a| a.address.as_ref()) {
-        Some(address::Address::SocketAddress(s)) => {
-            let port = match s.port_specifier {
-                Some(socket_address::PortSpecifier::PortValue(p)) => p,
-                _ => return refuse(what, "named ports are not supported"),
-            };
-            let ip = s
-                .address
-                .parse::<std::net::IpAddr>()
-                .or_else(|_| refuse(what, format_args!("{:?} is not an IP address", s.address)))?;
-            let port = u16::try_from(port).or_else(|_| refuse(what, "port out of range"))?;
-            Ok(Addr::Ip(SocketAddr::new(ip, port)))
-        }
-        Some(address::Address::Pipe(p)) => pipe(p, what).map(Addr::Pipe),
-        _ => refuse(what, "no socket address"),
-    }
-}
-
-/// A `pipe` address: what Consul sends for `local_bind_socket_path` (with
-/// `local_bind_socket_mode`, an octal string Consul parses into the
-/// numeric `mode`: `"0640"` arrives as 416) and for
-/// `local_service_socket_path` (no mode). The path must be absolute, as
-/// registration mode requires of the same fields; mode 0 means "leave it
-/// to the umask", as Envoy does.
-fn pipe(p: &Pipe, what: &str) -> Result<UnixBind, Refused> {
-    let path = &p.path;
-    if path.is_empty() {
-        return refuse(what, "pipe address with an empty path");
-    }
-    if path.starts_with('@') {
-        return refuse(
-            what,
-            format_args!("pipe {path:?}: abstract unix sockets are not supported"),
-        );
-    }
-    if !path.starts_with('/') {
-        return refuse(
-            what,
-            format_args!("pipe path {path:?} is not absolute (ferry binds and dials socket files by absolute path only)"),
-        );
-    }
-    let mode = match p.mode {
-        0 => None,
-        m if m <= 0o777 => Some(m),
-        m => {
-            return refuse(
-                what,
-                format_args!("pipe mode {m:#o} is not a file mode (at most 0o777)"),
-            )
-        }
-    };
-    Ok(UnixBind {
-        path: path.into(),
-        mode,
-    })
-}
-
-/// [`address`] where only an IP and port make sense; `why` says why a
-/// Unix socket does not.
-fn ip_addr(a: &Option<Address>, what: &str, why: &str) -> Result<SocketAddr, Refused> {
-    match address(a, what)? {
-        Addr::Ip(a) => Ok(a),
-        Addr::Pipe(_) => refuse(what, format_args!("unix socket address refused: {why}")),
-    }
 }
 
 /// Decodes and checks one listener.
@@ -384,116 +310,6 @@ fn upstream_id(name: &str, bind: &BindAddr) -> String {
             rest.to_string()
         }
         _ => name.to_string(),
-    }
-}
-
-fn transport<M: Message + Default>(
-    ts: &TransportSocket,
-    want: &str,
-    what: &str,
-) -> Result<M, Refused> {
-    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    match &ts.config_type {
-        Some(ConfigType::TypedConfig(tc)) => decode(tc, want, &format!("{what} transport_socket")),
-        None => refuse(what, "transport_socket without typed_config"),
-    }
-}
-
-fn inline(d: &Option<DataSource>, what: &str) -> Result<String, Refused> {
-    match d.as_ref().and_then(|d| d.specifier.as_ref()) {
-        Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
-        Some(data_source::Specifier::InlineBytes(b)) => {
-            String::from_utf8(b.clone()).or_else(|_| refuse(what, "inline_bytes is not PEM text"))
-        }
-        Some(data_source::Specifier::Filename(_)) => refuse(
-            what,
-            "certificate files are not supported (inline or SDS only)",
-        ),
-        _ => refuse(what, "missing"),
-    }
-}
-
-/// The exact SAN URIs a validation context accepts (any one of them).
-fn san_matchers(v: &CertificateValidationContext, what: &str) -> Result<Vec<String>, Refused> {
-    let mut sans = Vec::new();
-    // Deprecated in Envoy, but what released Consul sends.
-    #[allow(deprecated)]
-    let legacy = &v.match_subject_alt_names;
-    for m in legacy {
-        match &m.match_pattern {
-            Some(string_matcher::MatchPattern::Exact(s)) if !m.ignore_case => sans.push(s.clone()),
-            _ => return refuse(what, "only exact SAN matchers are supported"),
-        }
-    }
-    for m in &v.match_typed_subject_alt_names {
-        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
-            Some(string_matcher::MatchPattern::Exact(s)) => sans.push(s.clone()),
-            _ => return refuse(what, "only exact SAN matchers are supported"),
-        }
-    }
-    Ok(sans)
-}
-
-fn certs(c: &CommonTlsContext, what: &str) -> Result<Certs, Refused> {
-    if let Some(p) = &c.tls_params {
-        if !p.cipher_suites.is_empty()
-            || p.tls_minimum_protocol_version != 0
-            || p.tls_maximum_protocol_version != 0
-        {
-            return refuse(
-                what,
-                "tls_params (versions, cipher suites) are not supported",
-            );
-        }
-    }
-    match (
-        &c.tls_certificates[..],
-        &c.tls_certificate_sds_secret_configs[..],
-        &c.validation_context_type,
-    ) {
-        ([cert], [], Some(common_tls_context::ValidationContextType::ValidationContext(v))) => {
-            Ok(Certs::Inline {
-                chain: inline(
-                    &cert.certificate_chain,
-                    &format!("{what} certificate_chain"),
-                )?,
-                key: inline(&cert.private_key, &format!("{what} private_key"))?,
-                roots: inline(&v.trusted_ca, &format!("{what} trusted_ca"))?,
-            })
-        }
-        (
-            [],
-            [leaf],
-            Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(r)),
-        ) => Ok(Certs::Sds {
-            leaf: leaf.name.clone(),
-            roots: r.name.clone(),
-        }),
-        // The one shape with both SDS roots and SAN matchers: the roots
-        // from the secret, the matchers (read by the caller) from the
-        // default context, which must not bring roots of its own.
-        (
-            [],
-            [leaf],
-            Some(common_tls_context::ValidationContextType::CombinedValidationContext(cv)),
-        ) => match (
-            &cv.validation_context_sds_secret_config,
-            &cv.default_validation_context,
-        ) {
-            (Some(_), Some(d)) if d.trusted_ca.is_some() => refuse(
-                what,
-                "a combined validation context with roots of its own besides the SDS secret's",
-            ),
-            (Some(r), _) => Ok(Certs::Sds {
-                leaf: leaf.name.clone(),
-                roots: r.name.clone(),
-            }),
-            (None, _) => refuse(what, "a combined validation context without its SDS secret"),
-        },
-        _ => refuse(
-            what,
-            "expected one inline certificate with inline roots, or SDS leaf and roots",
-        ),
     }
 }
 
@@ -678,7 +494,16 @@ pub fn secret(any: &Any) -> Result<(String, SecretSpec), Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{
+        address, data_source, socket_address, Address, DataSource, Pipe, TransportSocket,
+    };
     use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, CommonTlsContext,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+
+    use crate::config::UnixBind;
 
     fn any_of<M: Message + prost::Name>(m: &M) -> Any {
         Any {
