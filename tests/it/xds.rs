@@ -728,11 +728,7 @@ async fn a_prepared_query_upstream_accepts_any_datacenter_its_cluster_names() {
     // `clusters/connect-proxy-with-prepared-query*`-style: one SAN per
     // datacenter the query may answer from; the endpoints span both.
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
-    let dc2_leaf = s
-        .pki
-        .ca
-        .leaf("geo-db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let dc2_leaf = s.pki.leaf_in("geo-db", "dc2");
     let dc2 = TlsEchoServer::start(&s.pki, &dc2_leaf).await;
     let cluster = format!("geo-db.default.dc1.query.{}", s.pki.trust_domain());
     let sans = [
@@ -837,11 +833,7 @@ async fn an_ejected_priority_hands_over_to_the_next_until_its_ejection_expires()
 #[tokio::test]
 async fn an_ejected_aggregate_leg_hands_over_with_the_next_legs_sni_and_identity() {
     let s = Sidecar::new(Intentions::DefaultAllow(Vec::new())).await;
-    let dc2_leaf = s
-        .pki
-        .ca
-        .leaf("db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let dc2_leaf = s.pki.leaf_in("db", "dc2");
     let remote = TlsEchoServer::start(&s.pki, &dc2_leaf).await;
     let dead = dead_addr().await;
     let legs = ads::failover_legs(DB_CLUSTER);

@@ -225,14 +225,6 @@ impl Oracle {
         ads::eds_cluster(name, sni, sans, &self.tls(), opts)
     }
 
-    /// `db`'s leaf in dc2.
-    fn db_in_dc2(&self) -> Leaf {
-        self.pki
-            .ca
-            .leaf("db", "dc2", Duration::from_secs(3600))
-            .expect("dc2 leaf")
-    }
-
     /// `DB_CLUSTER` as an aggregate failing over from dc1 to dc2
     /// (`clusters/connect-proxy-with-chain-and-failover`): each leg with its
     /// datacenter's SNI and identity. The legs, and their SNIs.
@@ -534,7 +526,7 @@ async fn envoy_and_ferry_fail_over_across_priorities_in_the_same_order() {
 #[tokio::test]
 async fn envoy_and_ferry_fail_over_across_aggregate_legs_each_with_its_own_sni() {
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
-    let (db, db_dc2) = (o.pki.leaf("db"), o.db_in_dc2());
+    let (db, db_dc2) = (o.pki.leaf("db"), o.pki.leaf_in("db", "dc2"));
     // The second leg's endpoint stands in for dc2's mesh gateway, which
     // would route on the SNI; the handshake is end to end with db in dc2.
     let s = Servers::start(&o.pki, vec![("local", &db), ("remote", &db_dc2)]).await;
@@ -586,11 +578,7 @@ async fn envoy_and_ferry_fail_over_across_aggregate_legs_each_with_its_own_sni()
 async fn envoy_and_ferry_send_the_clusters_sni_and_follow_its_changes() {
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
     let db = o.pki.leaf("db");
-    let geo_dc2 = o
-        .pki
-        .ca
-        .leaf("geo-db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let geo_dc2 = o.pki.leaf_in("geo-db", "dc2");
     let s = Servers::start(&o.pki, vec![("db", &db), ("geo-db", &geo_dc2)]).await;
     let sni = o.sni("db", "dc1");
     o.ads.set(
@@ -649,11 +637,7 @@ async fn envoy_and_ferry_refuse_the_same_wrong_server_identities() {
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
     let db = o.pki.leaf("db");
     let evil = o.pki.leaf("evil");
-    let db_dc2 = o
-        .pki
-        .ca
-        .leaf("db", "dc2", Duration::from_secs(3600))
-        .expect("dc2 leaf");
+    let db_dc2 = o.pki.leaf_in("db", "dc2");
     // Another CA with the same trust domain: db's very SPIFFE ID, but a
     // chain that does not lead to the roots.
     let impostor = Pki::with_trust_domain(o.pki.trust_domain()).leaf("db");
@@ -700,7 +684,7 @@ async fn a_failover_leg_checks_its_own_identity_in_envoy_and_ferry() {
     // Leg 0 expects db in dc1, leg 1 db in dc2; a server presenting the
     // other leg's identity is refused, and a refusal does not fail over.
     let o = Oracle::new(&Intentions::DefaultAllow(Vec::new())).await;
-    let (db, db_dc2) = (o.pki.leaf("db"), o.db_in_dc2());
+    let (db, db_dc2) = (o.pki.leaf("db"), o.pki.leaf_in("db", "dc2"));
     let s = Servers::start(&o.pki, vec![("db", &db), ("db-in-dc2", &db_dc2)]).await;
     let (legs, [_, sni2]) = o.cross_dc_failover();
     let (dc1, dc2) = (s.addr("db"), s.addr("db-in-dc2"));

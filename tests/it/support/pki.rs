@@ -45,6 +45,13 @@ impl Pki {
         self.ca.trust_domain()
     }
 
+    /// A Consul-shaped leaf for `service` in datacenter `dc`, not written.
+    pub fn leaf_in(&self, service: &str, dc: &str) -> Leaf {
+        self.ca
+            .leaf(service, dc, Duration::from_secs(3600))
+            .expect("leaf")
+    }
+
     /// Issues a Consul-shaped leaf for `service` in dc1 and writes it to the dir.
     pub fn leaf(&self, service: &str) -> Leaf {
         let leaf = self
